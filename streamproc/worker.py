@@ -1,0 +1,298 @@
+"""GPUWorker: model replicas planned from free memory, fed by the micro-batcher.
+
+``GPUWorker(model_loader, config, task)``: ``model_loader(device)`` builds one replica on a
+device (``"cuda:0"``, ``"cpu"``); ``task(model, payloads)`` runs one batch on it and returns one
+result per payload. Both are blocking and run on the replica's own thread, never on the event
+loop. See :mod:`streamproc.planner` for how many replicas each device gets.
+
+Faults: a chunk that raises is retried whole on another healthy replica; if that also fails,
+or there is no other replica, it is bisected until the items that fail alone are found, and
+only those get an :class:`InferenceFailed`. Out-of-memory halves the chunk and retries; a
+single item that still does not fit gets :class:`ItemTooLarge`. A replica is blamed when a
+chunk it failed succeeds elsewhere, or when every item of a chunk fails on it alone; after
+``replica_max_failures`` blames in a row it leaves the rotation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+from .batcher import MicroBatcher
+from .errors import InferenceFailed, ItemTooLarge, NoHealthyReplica, StreamprocError, WorkerClosed
+from .metrics import WorkerStats
+from .planner import DevicePlan, plan_device, probe_memory, resolve_devices
+from .replicas import Replica, is_out_of_memory, measure_warmup
+from .settings import GPUConfig
+
+__all__ = ["GPUWorker"]
+
+P = TypeVar("P")
+R = TypeVar("R")
+M = TypeVar("M")
+log = logging.getLogger("streamproc.worker")
+
+
+@dataclass(slots=True)
+class _Request(Generic[P, R]):
+    payload: P
+    future: asyncio.Future[R]
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+class GPUWorker(Generic[M, P, R]):
+    def __init__(
+        self,
+        model_loader: Callable[[str], M],
+        config: GPUConfig,
+        task: Callable[[M, list[P]], Sequence[R]],
+        *,
+        cost: Callable[[P], int] | None = None,
+    ) -> None:
+        self.config = config
+        self._loader = model_loader
+        self._task = task
+        self._cost = cost
+        self.replicas: list[Replica[M]] = []
+        self.plan: list[DevicePlan] = []
+        self.stats = WorkerStats()
+        self._batcher: MicroBatcher[_Request[P, R]] | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._state = "new"  # new -> running -> stopped
+
+    # --- lifecycle --------------------------------------------------------------------------
+    async def __aenter__(self) -> GPUWorker[M, P, R]:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    async def start(self) -> None:
+        """Plan, load and warm every replica, then start serving. Idempotent."""
+        async with self._lock:
+            if self._state == "running":
+                return
+            if self._state == "stopped":
+                raise WorkerClosed("a stopped GPUWorker cannot be restarted")
+            try:
+                for device in resolve_devices(self.config.device_ids):
+                    await self._load_device(device)
+            except BaseException:
+                self._close_replicas()
+                raise
+            cfg = self.config
+            cost_fn = None if self._cost is None else self._request_cost
+            self._batcher = MicroBatcher(cfg.batch_size, cfg.max_delay_ms / 1000, cfg.queue_size,
+                                         cost=cost_fn, max_cost=cfg.max_batch_tokens)
+            self.stats = WorkerStats()
+            self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="gpuworker")
+            self._state = "running"
+            log.info("replica plan: %s", "; ".join(p.describe() for p in self.plan))
+
+    async def stop(self, timeout: float | None = None) -> None:
+        """Take no new work, finish what is queued (within ``timeout``), free the replicas."""
+        async with self._lock:
+            if self._state != "running":
+                self._state = "stopped"
+                return
+            self._state = "stopped"
+            assert self._batcher is not None and self._dispatcher is not None
+            self._batcher.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._dispatcher), timeout)
+            except TimeoutError:
+                self._dispatcher.cancel()
+                await asyncio.gather(self._dispatcher, return_exceptions=True)
+                while batch := await self._batcher.next_batch():
+                    self._fail(batch, WorkerClosed("the worker stopped before this item ran"))
+            self._close_replicas()
+
+    def _close_replicas(self) -> None:
+        for replica in self.replicas:
+            replica.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _load_device(self, device: str) -> None:
+        loop = asyncio.get_running_loop()
+        before = probe_memory(device)
+        first = await Replica.load(self._loader, device, len(self.replicas), loop)
+        self.replicas.append(first)
+        after_load = probe_memory(device)
+        activation_gb = await measure_warmup(first, self._task, self.config, loop)
+        model_gb = None
+        if before.free_gb is not None and after_load.free_gb is not None:
+            model_gb = max(before.free_gb - after_load.free_gb, 0.01)
+        plan = plan_device(before, self.config, model_gb=model_gb, activation_gb=activation_gb)
+        if plan.warning:
+            log.warning(plan.warning)
+        self.plan.append(plan)
+        for _ in range(plan.replicas - 1):
+            replica = await Replica.load(self._loader, device, len(self.replicas), loop)
+            self.replicas.append(replica)
+            await measure_warmup(replica, self._task, self.config, loop)
+
+    # --- requests ----------------------------------------------------------------------------
+    def _request_cost(self, request: _Request[P, R]) -> int:
+        assert self._cost is not None
+        return self._cost(request.payload)
+
+    async def submit(self, payload: P) -> asyncio.Future[R]:
+        """Queue one payload (waiting while the queue is full); its future holds the result."""
+        if self._state != "running" or self._batcher is None:
+            raise WorkerClosed("the GPUWorker is not running")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._batcher.put(_Request(payload, future))
+        return future
+
+    async def infer(self, payload: P) -> R:
+        """One result, or the typed error raised."""
+        return await (await self.submit(payload))
+
+    async def infer_many(self, payloads: Sequence[P]) -> list[R | StreamprocError]:
+        """Results in payload order; an item that failed holds its typed error instead."""
+        futures: list[asyncio.Future[R]] = []
+        try:
+            for payload in payloads:
+                futures.append(await self.submit(payload))
+            return await asyncio.gather(*futures, return_exceptions=True)  # type: ignore[return-value]
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+
+    def queue_full(self) -> bool:
+        return self._batcher is not None and self._batcher.full()
+
+    def queue_depth(self) -> int:
+        return 0 if self._batcher is None else self._batcher.qsize()
+
+    # --- dispatch ----------------------------------------------------------------------------
+    async def _dispatch_loop(self) -> None:
+        assert self._batcher is not None
+        while batch := await self._batcher.next_batch():
+            live = [r for r in batch if not r.future.done()]
+            self.stats.batches += 1
+            self.stats.batch_items += len(live)
+            healthy = [r for r in self.replicas if r.healthy]
+            if not healthy:
+                self._fail(live, NoHealthyReplica("every model replica is out of rotation"))
+                continue
+            n = min(len(healthy), len(live))
+            chunks = [live[i::n] for i in range(n)]
+            await asyncio.gather(*(self._run_chunk(r, c) for r, c in zip(healthy, chunks)))
+
+    async def _call(self, replica: Replica[M], chunk: list[_Request[P, R]]) -> Sequence[R]:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        self.stats.model_calls += 1
+        try:
+            results = await loop.run_in_executor(
+                replica.executor, self._task, replica.model, [r.payload for r in chunk])
+        finally:
+            self.stats.inference_seconds += time.monotonic() - started
+        if len(results) != len(chunk):
+            raise InferenceFailed(f"the task returned {len(results)} results for {len(chunk)}")
+        return results
+
+    async def _run_chunk(self, replica: Replica[M], chunk: list[_Request[P, R]],
+                         retried: bool = False) -> None:
+        if not chunk:
+            return
+        try:
+            results = await self._call(replica, chunk)
+        except Exception as exc:  # noqa: BLE001 - isolated per item below
+            if is_out_of_memory(exc):
+                await self._split_on_oom(replica, chunk, exc)
+                return
+            other = next((r for r in self.replicas if r.healthy and r is not replica), None)
+            if other is not None and not retried:
+                self.stats.chunk_retries += 1
+                if await self._try_chunk(other, chunk):
+                    replica.blame(exc, self.config.replica_max_failures)
+                    return
+                replica = other
+            failed = await self._isolate(replica, chunk)
+            if failed == len(chunk) > 1:
+                replica.blame(exc, self.config.replica_max_failures)
+            return
+        replica.succeeded()
+        self._resolve(chunk, results)
+
+    async def _try_chunk(self, replica: Replica[M], chunk: list[_Request[P, R]]) -> bool:
+        try:
+            results = await self._call(replica, chunk)
+        except Exception:  # noqa: BLE001
+            return False
+        replica.succeeded()
+        self._resolve(chunk, results)
+        return True
+
+    async def _isolate(self, replica: Replica[M], chunk: list[_Request[P, R]]) -> int:
+        """Bisect a failing chunk; fail only the items that fail alone. Returns their count."""
+        if len(chunk) == 1:
+            try:
+                self._resolve(chunk, await self._call(replica, chunk))
+                return 0
+            except Exception as exc:  # noqa: BLE001
+                if is_out_of_memory(exc):
+                    error: StreamprocError = ItemTooLarge(f"out of memory on a single item: {exc}")
+                else:
+                    error = InferenceFailed(f"{type(exc).__name__}: {exc}")
+                self._fail(chunk, error)
+                return 1
+        half = len(chunk) // 2
+        failed = 0
+        for part in (chunk[:half], chunk[half:]):
+            if not await self._try_chunk(replica, part):
+                failed += await self._isolate(replica, part)
+        return failed
+
+    async def _split_on_oom(self, replica: Replica[M], chunk: list[_Request[P, R]],
+                            exc: BaseException) -> None:
+        if len(chunk) == 1:
+            self._fail(chunk, ItemTooLarge(f"out of memory on a single item: {exc}"))
+            return
+        self.stats.oom_splits += 1
+        log.warning("%s: out of memory on %d items; splitting", replica.name, len(chunk))
+        half = len(chunk) // 2
+        for part in (chunk[:half], chunk[half:]):
+            await self._run_chunk(replica, part, retried=True)
+
+    def _resolve(self, chunk: list[_Request[P, R]], results: Sequence[R]) -> None:
+        for request, result in zip(chunk, results):
+            if not request.future.done():
+                request.future.set_result(result)
+                self.stats.total_inferences += 1
+
+    def _fail(self, chunk: list[_Request[P, R]], error: StreamprocError) -> None:
+        for request in chunk:
+            if not request.future.done():
+                request.future.set_exception(error)
+                self.stats.failures += 1
+
+    # --- metrics -----------------------------------------------------------------------------
+    def get_metrics(self) -> dict[str, Any]:
+        per_device: dict[str, int] = {}
+        for replica in self.replicas:
+            per_device[replica.device] = per_device.get(replica.device, 0) + int(replica.healthy)
+        return {
+            **self.stats.as_dict(),
+            "queue_depth": self.queue_depth(),
+            "queue_size": self.config.queue_size,
+            "replicas_per_device": per_device,
+            "replicas": [r.describe() for r in self.replicas],
+            "dead_replicas": sum(not r.healthy for r in self.replicas),
+            "plan": [p.as_dict() for p in self.plan],
+        }

@@ -1,0 +1,92 @@
+"""The micro-batcher, with real asyncio timing kept short."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from streamproc.batcher import MicroBatcher
+from streamproc.errors import WorkerClosed
+
+
+async def test_flushes_at_max_items_without_waiting_for_the_delay() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_items=4, max_delay_s=10, maxsize=100)
+    for i in range(10):
+        await batcher.put(i)
+    started = time.monotonic()
+    assert await batcher.next_batch() == [0, 1, 2, 3]
+    assert await batcher.next_batch() == [4, 5, 6, 7]
+    assert time.monotonic() - started < 1.0
+
+
+async def test_flushes_after_the_delay_counted_from_the_first_item() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_items=100, max_delay_s=0.2, maxsize=100)
+    await batcher.put(1)
+    await asyncio.sleep(0.15)
+    started = time.monotonic()
+    await batcher.put(2)
+    batch = await batcher.next_batch()
+    waited = time.monotonic() - started
+    assert batch == [1, 2]
+    assert waited < 0.15  # only the rest of the first item's 0.2 s, not a fresh 0.2 s
+
+
+async def test_delay_collects_items_that_arrive_during_it() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_items=100, max_delay_s=0.3, maxsize=100)
+
+    async def trickle() -> None:
+        for i in range(5):
+            await batcher.put(i)
+            await asyncio.sleep(0.02)
+
+    feeder = asyncio.create_task(trickle())
+    batch = await batcher.next_batch()
+    await feeder
+    assert batch == [0, 1, 2, 3, 4]
+
+
+async def test_put_waits_while_full_and_nothing_is_dropped() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_items=2, max_delay_s=0, maxsize=3)
+    for i in range(3):
+        await batcher.put(i)
+    assert batcher.full()
+    blocked = asyncio.create_task(batcher.put(99))
+    await asyncio.sleep(0.05)
+    assert not blocked.done()  # backpressure: the caller waits
+    assert await batcher.next_batch() == [0, 1]
+    await asyncio.wait_for(blocked, 1)
+    seen = []
+    while batcher.qsize():
+        seen += await batcher.next_batch()
+    assert seen == [2, 99]
+
+
+async def test_token_budget_closes_a_batch_and_carries_the_item_over() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(
+        max_items=100, max_delay_s=0, maxsize=100, cost=lambda n: n, max_cost=10)
+    for n in (4, 5, 3, 20, 1):
+        await batcher.put(n)
+    assert await batcher.next_batch() == [4, 5]
+    assert await batcher.next_batch() == [3]
+    assert await batcher.next_batch() == [20]  # over budget alone still runs alone
+    assert await batcher.next_batch() == [1]
+
+
+async def test_close_drains_then_returns_empty_and_rejects_puts() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_items=2, max_delay_s=10, maxsize=10)
+    await batcher.put(1)
+    batcher.close()
+    assert await asyncio.wait_for(batcher.next_batch(), 1) == [1]
+    assert await batcher.next_batch() == []
+    with pytest.raises(WorkerClosed):
+        await batcher.put(2)
+
+
+async def test_close_wakes_a_waiting_consumer() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_items=2, max_delay_s=10, maxsize=10)
+    waiter = asyncio.create_task(batcher.next_batch())
+    await asyncio.sleep(0.01)
+    batcher.close()
+    assert await asyncio.wait_for(waiter, 1) == []

@@ -1,0 +1,165 @@
+"""GPUWorker logic on the CPU, with small in-process models (pure logic, no torch)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+
+import pytest
+
+from streamproc.errors import InferenceFailed, ItemTooLarge, OutOfMemory, WorkerClosed
+from streamproc.settings import GPUConfig
+from streamproc.worker import GPUWorker
+
+
+@dataclass
+class EchoModel:
+    """Uppercases its inputs; can be told to fail in specific ways."""
+
+    index: int
+    always_fail: bool = False
+    max_batch: int | None = None  # more items than this raise OutOfMemory
+    calls: list[list[str]] = field(default_factory=list)
+    threads: set[str] = field(default_factory=set)
+
+
+def echo_task(model: EchoModel, payloads: list[str]) -> list[str]:
+    model.calls.append(list(payloads))
+    model.threads.add(threading.current_thread().name)
+    if model.always_fail:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+    if model.max_batch is not None and len(payloads) > model.max_batch:
+        raise OutOfMemory(f"{len(payloads)} items do not fit")
+    if "bad" in payloads:
+        raise ValueError("cannot summarize 'bad'")
+    return [f"{p.upper()}@{model.index}" for p in payloads]
+
+
+class Loader:
+    def __init__(self, **per_index: dict[str, object]) -> None:
+        self.models: list[EchoModel] = []
+        self.per_index = per_index
+
+    def __call__(self, device: str) -> EchoModel:
+        model = EchoModel(len(self.models), **self.per_index.get(f"r{len(self.models)}", {}))  # type: ignore[arg-type]
+        self.models.append(model)
+        return model
+
+
+def cpu_config(**overrides: object) -> GPUConfig:
+    base: dict[str, object] = {"device_ids": "cpu", "batch_size": 8, "max_delay_ms": 5,
+                               "queue_size": 100, "pool_max_instances": 2}
+    return GPUConfig(**{**base, **overrides})  # type: ignore[arg-type]
+
+
+async def test_infer_many_lines_up_with_payloads_across_two_replicas() -> None:
+    loader = Loader()
+    async with GPUWorker(loader, cpu_config(), echo_task) as worker:
+        payloads = [f"item{i}" for i in range(100)]
+        results = await worker.infer_many(payloads)
+    assert [str(r).split("@")[0] for r in results] == [p.upper() for p in payloads]
+    assert len(loader.models) == 2
+    assert all(m.calls for m in loader.models), "both replicas took chunks"
+    main = threading.current_thread().name
+    assert all(main not in m.threads for m in loader.models), "model work ran off the loop"
+
+
+async def test_a_raising_item_fails_alone_with_a_typed_error() -> None:
+    loader = Loader()
+    async with GPUWorker(loader, cpu_config(batch_size=16, pool_max_instances=1), echo_task) as w:
+        payloads = ["a", "b", "bad", "c", "d", "e"]
+        results = await w.infer_many(payloads)
+        metrics = w.get_metrics()
+    assert isinstance(results[2], InferenceFailed)
+    assert "cannot summarize" in results[2].reason and results[2].dead_letter
+    assert [r for i, r in enumerate(results) if i != 2] == ["A@0", "B@0", "C@0", "D@0", "E@0"]
+    assert metrics["failures"] == 1 and metrics["total_inferences"] == 5
+    assert metrics["dead_replicas"] == 0, "a bad item does not kill the replica"
+
+
+async def test_out_of_memory_splits_the_batch_and_every_item_succeeds() -> None:
+    loader = Loader(r0={"max_batch": 3})
+    async with GPUWorker(loader, cpu_config(batch_size=16, max_delay_ms=50,
+                                            pool_max_instances=1), echo_task) as worker:
+        results = await worker.infer_many([str(i) for i in range(16)])
+        metrics = worker.get_metrics()
+    assert results == [f"{i}@0" for i in range(16)]
+    assert metrics["oom_splits"] >= 3
+    assert max(len(c) for c in loader.models[0].calls if len(c) <= 3) <= 3
+
+
+async def test_a_single_item_that_never_fits_gets_item_too_large() -> None:
+    loader = Loader(r0={"max_batch": 0})
+    async with GPUWorker(loader, cpu_config(pool_max_instances=1), echo_task) as worker:
+        results = await worker.infer_many(["x", "y"])
+    assert all(isinstance(r, ItemTooLarge) for r in results)
+
+
+async def test_a_dead_replica_leaves_rotation_and_its_work_is_retried_elsewhere() -> None:
+    loader = Loader(r1={"always_fail": True})
+    async with GPUWorker(loader, cpu_config(replica_max_failures=3), echo_task) as worker:
+        results = await worker.infer_many([f"i{i}" for i in range(80)])
+        metrics = worker.get_metrics()
+    assert results == [f"I{i}@0" for i in range(80)]
+    assert metrics["dead_replicas"] == 1
+    assert metrics["replicas_per_device"] == {"cpu": 1}
+    dead = [r for r in metrics["replicas"] if not r["healthy"]]
+    assert dead[0]["index"] == 1 and "device-side assert" in dead[0]["last_error"]
+    assert metrics["chunk_retries"] >= 3
+
+
+async def test_metrics_match_known_counts() -> None:
+    async with GPUWorker(Loader(), cpu_config(batch_size=5, max_delay_ms=0,
+                                              pool_max_instances=1), echo_task) as worker:
+        for i in range(4):  # 4 rounds of 5 items: each fills one batch exactly
+            await worker.infer_many([f"{i}{j}" for j in range(5)])
+        await worker.infer_many(["bad"])
+        m = worker.get_metrics()
+    assert (m["total_inferences"], m["failures"], m["batches"]) == (20, 1, 5)
+    assert m["mean_batch_size"] == pytest.approx(21 / 5)
+    assert m["inferences_per_second"] > 0 and m["queue_depth"] == 0
+    assert m["plan"][0]["device"] == "cpu" and m["plan"][0]["replicas"] == 1
+
+
+async def test_warmup_runs_on_every_replica_before_start_returns() -> None:
+    loader = Loader()
+    worker = GPUWorker(loader, cpu_config(warmup_payloads=("warm",)), echo_task)
+    await worker.start()
+    assert [m.calls for m in loader.models] == [[["warm"]], [["warm"]]]
+    await worker.stop()
+
+
+async def test_start_and_stop_are_idempotent_and_stop_drains_the_queue() -> None:
+    worker = GPUWorker(Loader(), cpu_config(max_delay_ms=200), echo_task)
+    await worker.start()
+    await worker.start()
+    futures = [await worker.submit(f"q{i}") for i in range(5)]
+    await worker.stop()
+    await worker.stop()
+    assert [f.result().split("@")[0] for f in futures] == [f"Q{i}" for i in range(5)]
+    with pytest.raises(WorkerClosed):
+        await worker.infer("late")
+
+
+async def test_full_queue_makes_callers_wait() -> None:
+    gate = threading.Event()
+
+    def slow_task(model: EchoModel, payloads: list[str]) -> list[str]:
+        gate.wait(5)
+        return echo_task(model, payloads)
+
+    worker = GPUWorker(Loader(), cpu_config(batch_size=1, max_delay_ms=0, queue_size=2,
+                                            pool_max_instances=1), slow_task)
+    async with worker:
+        first = await worker.submit("running")  # taken by the replica, blocks on the gate
+        await asyncio.sleep(0.05)
+        queued = [await worker.submit("q1"), await worker.submit("q2")]
+        assert worker.queue_full()
+        blocked = asyncio.create_task(worker.submit("q3"))
+        await asyncio.sleep(0.05)
+        assert not blocked.done()
+        gate.set()
+        last = await asyncio.wait_for(blocked, 5)
+        results = await asyncio.gather(first, *queued, last)
+    assert results == ["RUNNING@0", "Q1@0", "Q2@0", "Q3@0"]
