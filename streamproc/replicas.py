@@ -17,6 +17,7 @@ __all__ = ["Replica", "is_out_of_memory", "measure_warmup"]
 
 M = TypeVar("M")
 log = logging.getLogger("streamproc.replicas")
+CPU_WARMUP_ITEMS = 2
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -83,7 +84,8 @@ async def measure_warmup(replica: Replica[M], task: Callable[[M, list[Any]], Seq
 
     def run() -> float:
         if not replica.device.startswith("cuda"):
-            task(replica.model, payloads)
+            # No VRAM to plan from on the CPU: a short batch only loads the code paths.
+            task(replica.model, payloads[:CPU_WARMUP_ITEMS])
             return 0.0
         import torch
 

@@ -1,0 +1,54 @@
+"""The summarization engine: a GPUWorker wired to the configured summarizer."""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+
+from .messages import FeedItem, decode_feed_item
+from .settings import GPUConfig, Settings
+from .summarizers import Summarizer, load_summarizer, summarize_batch
+from .worker import GPUWorker
+
+__all__ = ["SummaryWorker", "build_worker", "estimate_tokens", "sample_feed"]
+
+SummaryWorker = GPUWorker[Summarizer, str, str]
+
+
+def sample_feed() -> list[FeedItem]:
+    """The bundled sample feed (ten short news items) used by the demo and warm-up."""
+    raw = resources.files("streamproc").joinpath("data/sample_feed.jsonl").read_bytes()
+    return [decode_feed_item(line, max_input_bytes=1 << 20) for line in raw.splitlines() if line]
+
+
+def estimate_tokens(max_input_tokens: int, text: str) -> int:
+    """A cheap token count for batching (about four characters a token), capped at the
+    truncation length. It runs on the event loop for every item, so it must not tokenize."""
+    return min(max_input_tokens, len(text) // 4 + 2)
+
+
+def warmup_texts(settings: Settings) -> tuple[str, ...]:
+    """A full batch of inputs as long as the model will read, so the warm-up's peak memory
+    is the worst case the planner must leave room for."""
+    paragraph = " ".join(item.text for item in sample_feed())
+    long_text = (paragraph + " ") * (settings.max_input_tokens * 4 // len(paragraph) + 1)
+    return (long_text[: settings.max_input_tokens * 4],) * settings.gpu_batch_size
+
+
+def build_worker(settings: Settings) -> SummaryWorker:
+    config = GPUConfig.from_settings(settings, warmup_payloads=warmup_texts(settings))
+    return GPUWorker(
+        functools.partial(load_summarizer, settings),
+        config,
+        summarize_batch,
+        cost=functools.partial(estimate_tokens, settings.max_input_tokens),
+    )
+
+
+def feed_lines(path: str) -> list[bytes]:
+    """Non-empty lines of a JSON-lines file, as bytes."""
+    with open(path, "rb") as handle:
+        return [line.rstrip(b"\r\n") for line in handle if line.strip()]
+
+

