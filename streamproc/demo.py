@@ -35,7 +35,7 @@ async def run_engine_demo(settings: Settings) -> int:
         metrics = worker.get_metrics()
     print(f"\n== {len(items)} summaries by {settings.resolved_model_name} ==")
     failed = 0
-    for item, result in zip(items, results):
+    for item, result in zip(items, results, strict=True):
         print(f"\n[{item.id}] {item.title}")
         if isinstance(result, Exception):
             failed += 1

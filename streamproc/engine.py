@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
-
 from .messages import FeedItem, decode_feed_item
 from .settings import GPUConfig, Settings
 from .summarizers import Summarizer, load_summarizer, summarize_batch

@@ -4,6 +4,7 @@ and the dead-letter record format."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -103,10 +104,8 @@ async def ensure_topics(settings: Settings) -> None:
             raise ConfigError(var, topic, "the topic does not exist; create it or set "
                               "KAFKA_CREATE_TOPICS=true")
         new = [NewTopic(t, settings.kafka_topic_partitions, 1) for t in set(missing.values())]
-        try:
+        with contextlib.suppress(TopicAlreadyExistsError):  # another instance was first
             await admin.create_topics(new)
-        except TopicAlreadyExistsError:
-            pass  # another instance of the group created it first
         log.info("created topics %s", sorted(set(missing.values())))
     except KafkaError as exc:
         raise StreamprocError(f"could not check topics: {exc}") from exc

@@ -155,5 +155,5 @@ async def run_kafka_demo(settings: Settings) -> int:
               f"{headers['streamproc.error.code']:<14} {headers['streamproc.error.reason'][:90]}")
     report["worker"].pop("replicas", None)
     print_metrics("metrics", report)
-    ok = len(answers["summaries"]) == len(good) and len(answers["dead_letters"]) == total - len(good)
+    ok = (len(answers["summaries"]), len(answers["dead_letters"])) == (len(good), total - len(good))
     return 0 if ok else 1

@@ -35,18 +35,26 @@ import logging
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
-from .engine import SummaryWorker
 from .errors import InvalidRecord, StreamprocError
-from .kafka_clients import (consumer_for, dead_letter_headers, ensure_topics, producer_for,
-                            start_with_retry)
+from .kafka_clients import (
+    consumer_for,
+    dead_letter_headers,
+    ensure_topics,
+    producer_for,
+    start_with_retry,
+)
 from .messages import FeedItem, SourceRef, Summary, decode_feed_item
 from .metrics import PipelineStats
 from .offsets import OffsetTracker
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .engine import SummaryWorker
 
 __all__ = ["StreamProcessor"]
 
@@ -311,14 +319,14 @@ class StreamProcessor:
             except TimeoutError:
                 await self.commit()
 
-    async def _drain(self, timeout: float, only: set[TopicPartition] | None = None) -> bool:
+    async def _drain(self, within_s: float, only: set[TopicPartition] | None = None) -> bool:
         """Wait until no record (of ``only``, or of any partition) is open."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + within_s
         while any(p.tracker.in_flight for tp, p in self._partitions.items()
                   if only is None or tp in only):
             if time.monotonic() > deadline or (self._fatal is not None and only is None):
                 log.warning("%d record(s) still open after %.1f s; they will be read again "
-                            "by the next owner", self.in_flight(), timeout)
+                            "by the next owner", self.in_flight(), within_s)
                 return False
             await asyncio.sleep(0.02)
         return True

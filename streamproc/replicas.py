@@ -95,7 +95,7 @@ async def measure_warmup(replica: Replica[M], task: Callable[[M, list[Any]], Seq
         torch.cuda.reset_peak_memory_stats(device)
         task(replica.model, payloads)
         torch.cuda.synchronize(device)
-        return max(torch.cuda.max_memory_allocated(device) - base, 0) / GIB
+        return float(max(torch.cuda.max_memory_allocated(device) - base, 0)) / GIB
 
     peak = await loop.run_in_executor(replica.executor, run)
     log.info("%s warmed up on %d items (peak activations %.2f GiB)", replica.name,

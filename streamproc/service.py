@@ -39,17 +39,16 @@ async def run_service(settings: Settings) -> int:
     produce, commit and close. Returns the exit code."""
     log.info("starting: %s", {k: v for k, v in settings.masked().items()
                               if k.startswith(("KAFKA_", "GPU_", "MODEL_", "SUMMARIZER"))})
-    async with build_worker(settings) as worker:
-        async with StreamProcessor(settings, worker) as processor:
-            loop = asyncio.get_running_loop()
+    async with build_worker(settings) as worker, StreamProcessor(settings, worker) as processor:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, processor.request_stop)
+        reporter = asyncio.create_task(report_loop(processor, settings.log_interval_s))
+        try:
+            await processor.run()
+        finally:
+            reporter.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, processor.request_stop)
-            reporter = asyncio.create_task(report_loop(processor, settings.log_interval_s))
-            try:
-                await processor.run()
-            finally:
-                reporter.cancel()
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
-            log.info("stopped cleanly: %s", processor.stats.as_dict())
+                loop.remove_signal_handler(sig)
+        log.info("stopped cleanly: %s", processor.stats.as_dict())
     return 0

@@ -111,7 +111,7 @@ class Settings(BaseSettings):
         try:
             ids = [int(part) for part in text.strip("[]").split(",") if part.strip()]
         except ValueError:
-            raise ValueError("expected 'all', 'cpu' or comma-separated GPU ids like '0,1'") from None
+            raise ValueError("expected 'all', 'cpu' or GPU ids like '0,1'") from None
         if not ids or min(ids) < 0:
             raise ValueError("GPU ids must be non-negative integers")
         return ids

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -176,6 +177,9 @@ class Seq2SeqSummarizer:
         self.device = device
         self.tokenizer, model = _load_pretrained(model_name, load)
         self.model = model.to(device).eval()
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not thread-safe
+        pad_id = self.tokenizer.pad_token_id
+        self._pad_id = int(pad_id if pad_id is not None else self.model.config.pad_token_id or 0)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         self.max_input_tokens = min(max_input_tokens, limit) if limit else max_input_tokens
         config = copy.deepcopy(self.model.generation_config)
@@ -190,9 +194,10 @@ class Seq2SeqSummarizer:
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         cut = self.max_input_tokens * _CHARS_PER_TOKEN
-        encoded = self.tokenizer(
-            [text[:cut] for text in texts], truncation=True, max_length=self.max_input_tokens
-        )
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(
+                [text[:cut] for text in texts], truncation=True, max_length=self.max_input_tokens
+            )
         return [list(ids) for ids in encoded["input_ids"]]
 
     def token_length(self, text: str) -> int:
@@ -207,10 +212,11 @@ class Seq2SeqSummarizer:
             return summaries
         rows = self._encode([texts[i] for i in todo])
         order = sorted(range(len(todo)), key=lambda k: len(rows[k]), reverse=True)
-        batch = _pad([rows[k] for k in order], int(self.tokenizer.pad_token_id), self.device)
+        batch = _pad([rows[k] for k in order], self._pad_id, self.device)
         with torch.inference_mode():
             output = self.model.generate(**batch, generation_config=self.generation_config)
-        decoded = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        with self._tokenizer_lock:
+            decoded = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         for position, k in enumerate(order):
             summaries[todo[k]] = decoded[position].strip()
         return summaries
@@ -289,13 +295,15 @@ class ExtractiveSummarizer:
         self.max_sentence_tokens = max_sentence_tokens
         self.tokenizer, model = _load_pretrained(source, load)
         self.model = model.to(device).eval()
+        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not thread-safe
 
     def _clip(self, text: str) -> tuple[str, bool]:
         """``text`` cut after its first ``max_input_tokens`` tokens, and whether it was cut."""
-        encoded = self.tokenizer(
-            text[: self.max_input_tokens * _CHARS_PER_TOKEN], add_special_tokens=False,
-            truncation=True, max_length=self.max_input_tokens, return_offsets_mapping=True,
-        )
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(
+                text[: self.max_input_tokens * _CHARS_PER_TOKEN], add_special_tokens=False,
+                truncation=True, max_length=self.max_input_tokens, return_offsets_mapping=True,
+            )
         offsets = encoded["offset_mapping"]
         if len(offsets) < self.max_input_tokens:
             return text, False
@@ -304,9 +312,10 @@ class ExtractiveSummarizer:
     def token_length(self, text: str) -> int:
         """Word-piece tokens of ``text`` (no special tokens), capped at ``max_input_tokens``."""
         cut = text[: self.max_input_tokens * _CHARS_PER_TOKEN]
-        encoded = self.tokenizer(
-            cut, add_special_tokens=False, truncation=True, max_length=self.max_input_tokens
-        )
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(
+                cut, add_special_tokens=False, truncation=True, max_length=self.max_input_tokens
+            )
         return len(encoded["input_ids"])
 
     def _embed(self, sentences: Sequence[str]) -> torch.Tensor:
@@ -315,10 +324,11 @@ class ExtractiveSummarizer:
         rows: list[torch.Tensor] = [torch.empty(0)] * len(sentences)
         for start in range(0, len(order), self.chunk_size):
             chunk = order[start : start + self.chunk_size]
-            batch = self.tokenizer(
-                [sentences[i] for i in chunk], padding=True, truncation=True,
-                max_length=self.max_sentence_tokens, return_tensors="pt",
-            ).to(self.device)
+            with self._tokenizer_lock:
+                batch = self.tokenizer(
+                    [sentences[i] for i in chunk], padding=True, truncation=True,
+                    max_length=self.max_sentence_tokens, return_tensors="pt",
+                ).to(self.device)
             with torch.inference_mode():
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -19,7 +19,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -102,8 +101,8 @@ class GPUWorker(Generic[M, P, R]):
             self._state = "running"
             log.info("replica plan: %s", "; ".join(p.describe() for p in self.plan))
 
-    async def stop(self, timeout: float | None = None) -> None:
-        """Take no new work, finish what is queued (within ``timeout``), free the replicas."""
+    async def stop(self, drain_s: float | None = None) -> None:
+        """Take no new work, finish what is queued (within ``drain_s``), free the replicas."""
         async with self._lock:
             if self._state != "running":
                 self._state = "stopped"
@@ -112,7 +111,7 @@ class GPUWorker(Generic[M, P, R]):
             assert self._batcher is not None and self._dispatcher is not None
             self._batcher.close()
             try:
-                await asyncio.wait_for(asyncio.shield(self._dispatcher), timeout)
+                await asyncio.wait_for(asyncio.shield(self._dispatcher), drain_s)
             except TimeoutError:
                 self._dispatcher.cancel()
                 await asyncio.gather(self._dispatcher, return_exceptions=True)
@@ -189,9 +188,10 @@ class GPUWorker(Generic[M, P, R]):
             if not healthy:
                 self._fail(live, NoHealthyReplica("every model replica is out of rotation"))
                 continue
-            n = min(len(healthy), len(live))
-            chunks = [live[i::n] for i in range(n)]
-            await asyncio.gather(*(self._run_chunk(r, c) for r, c in zip(healthy, chunks)))
+            size = -(-len(live) // len(healthy))  # contiguous chunks, one per replica
+            chunks = [live[i:i + size] for i in range(0, len(live), size)]
+            pairs = zip(healthy, chunks, strict=False)  # fewer chunks than replicas is fine
+            await asyncio.gather(*(self._run_chunk(r, c) for r, c in pairs))
 
     async def _call(self, replica: Replica[M], chunk: list[_Request[P, R]]) -> Sequence[R]:
         loop = asyncio.get_running_loop()
@@ -212,7 +212,7 @@ class GPUWorker(Generic[M, P, R]):
             return
         try:
             results = await self._call(replica, chunk)
-        except Exception as exc:  # noqa: BLE001 - isolated per item below
+        except Exception as exc:
             if is_out_of_memory(exc):
                 await self._split_on_oom(replica, chunk, exc)
                 return
@@ -233,7 +233,7 @@ class GPUWorker(Generic[M, P, R]):
     async def _try_chunk(self, replica: Replica[M], chunk: list[_Request[P, R]]) -> bool:
         try:
             results = await self._call(replica, chunk)
-        except Exception:  # noqa: BLE001
+        except Exception:
             return False
         replica.succeeded()
         self._resolve(chunk, results)
@@ -245,7 +245,7 @@ class GPUWorker(Generic[M, P, R]):
             try:
                 self._resolve(chunk, await self._call(replica, chunk))
                 return 0
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 if is_out_of_memory(exc):
                     error: StreamprocError = ItemTooLarge(f"out of memory on a single item: {exc}")
                 else:
@@ -271,7 +271,7 @@ class GPUWorker(Generic[M, P, R]):
             await self._run_chunk(replica, part, retried=True)
 
     def _resolve(self, chunk: list[_Request[P, R]], results: Sequence[R]) -> None:
-        for request, result in zip(chunk, results):
+        for request, result in zip(chunk, results, strict=True):
             if not request.future.done():
                 request.future.set_result(result)
                 self.stats.total_inferences += 1

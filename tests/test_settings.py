@@ -35,7 +35,7 @@ def test_spec_defaults() -> None:
     assert {k: masked[k] for k in SPEC_DEFAULTS} == SPEC_DEFAULTS
 
 
-def test_every_spec_variable_is_parsed_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_spec_variable_is_parsed_from_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
     values = {
         "GPU_ENABLE_MULTI_MODEL_INSTANCES": ("false", False),
         "GPU_MAX_MODEL_INSTANCES": ("4", 4),
@@ -115,3 +115,11 @@ def test_gpu_config_from_settings_carries_every_engine_value() -> None:
 def test_gpu_config_rejects_bad_values_by_variable_name() -> None:
     with pytest.raises(ConfigError, match="GPU_BATCH_SIZE"):
         GPUConfig(batch_size=0)
+
+
+def test_env_example_lists_every_variable_and_parses() -> None:
+    example = Path(__file__).resolve().parent.parent / ".env.example"
+    lines = [ln for ln in example.read_text().splitlines() if ln and not ln.startswith("#")]
+    names = {ln.split("=", 1)[0] for ln in lines}
+    assert names == {name.upper() for name in Settings.model_fields}
+    assert load_settings(str(example)).masked() == load_settings(None).masked()
