@@ -299,6 +299,9 @@ class ExtractiveSummarizer:
 
     def _clip(self, text: str) -> tuple[str, bool]:
         """``text`` cut after its first ``max_input_tokens`` tokens, and whether it was cut."""
+        if not getattr(self.tokenizer, "is_fast", False):  # no offsets: ~4 characters a token
+            cut = self.max_input_tokens * 4
+            return text[:cut], len(text) > cut
         with self._tokenizer_lock:
             encoded = self.tokenizer(
                 text[: self.max_input_tokens * _CHARS_PER_TOKEN], add_special_tokens=False,

@@ -123,3 +123,9 @@ def test_env_example_lists_every_variable_and_parses() -> None:
     names = {ln.split("=", 1)[0] for ln in lines}
     assert names == {name.upper() for name in Settings.model_fields}
     assert load_settings(str(example)).masked() == load_settings(None).masked()
+
+
+def test_readme_settings_table_names_every_variable() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [n.upper() for n in Settings.model_fields if f"| `{n.upper()}` |" not in readme]
+    assert not missing
