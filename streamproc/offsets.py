@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["OffsetTracker"]
+__all__ = ["OffsetTracker", "PartitionState"]
 
 
 class OffsetTracker:
@@ -43,3 +43,18 @@ class OffsetTracker:
 
     def mark_committed(self, position: int) -> None:
         self.committed = position
+
+
+class PartitionState:
+    """What the processor knows of one assigned partition. A new object (with a new
+    ``generation``) replaces it on re-assignment or rewind; work stamped with an older
+    generation is dropped, never committed."""
+
+    __slots__ = ("accepting", "blocked", "generation", "tracker", "unemitted")
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.tracker = OffsetTracker()
+        self.accepting = True
+        self.unemitted = 0  # accepted records whose result has not reached the sink yet
+        self.blocked = False  # a record failed for a reason not its own: write nothing after it

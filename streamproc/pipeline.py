@@ -25,6 +25,10 @@ Commit protocol (at-least-once)
 
 A crash between 4 and 5 replays the records after the last commit: outputs may repeat, none
 is lost.
+
+With ``PROCESSING_GUARANTEE=exactly_once``, steps 4 and 5 become one Kafka transaction per
+partition and commit interval: the outputs, the dead letters and the consumed offset together
+(see :mod:`streamproc.sinks` for the fencing argument).
 """
 
 from __future__ import annotations
@@ -33,25 +37,19 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
 
 from .errors import InvalidRecord, StreamprocError
-from .kafka_clients import (
-    consumer_for,
-    dead_letter_headers,
-    ensure_topics,
-    producer_for,
-    start_with_retry,
-)
+from .kafka_clients import consumer_for, dead_letter_headers, ensure_topics, start_with_retry
 from .messages import FeedItem, SourceRef, Summary, decode_feed_item
 from .metrics import PipelineStats
-from .offsets import OffsetTracker
+from .offsets import PartitionState
 from .settings import Settings
+from .sinks import AtLeastOnceSink, ExactlyOnceSink, Outbound, Sink
 
 if TYPE_CHECKING:
     from .engine import SummaryWorker
@@ -59,14 +57,6 @@ if TYPE_CHECKING:
 __all__ = ["StreamProcessor"]
 
 log = logging.getLogger("streamproc.pipeline")
-SEND_RETRY_LIMIT_S = 120.0
-
-
-@dataclass(slots=True)
-class _Partition:
-    generation: int
-    tracker: OffsetTracker = field(default_factory=OffsetTracker)
-    accepting: bool = True
 
 
 @dataclass(slots=True)
@@ -88,7 +78,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._processor._revoke(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._processor._assign(assigned)
+        await self._processor._assign(assigned)
+
+
+def _names(tps: set[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}-{tp.partition}" for tp in tps)
 
 
 class StreamProcessor:
@@ -99,14 +93,17 @@ class StreamProcessor:
         self.worker = worker
         self.stats = PipelineStats()
         self.consumer = consumer_for(settings)
-        self.producer = producer_for(settings)
-        self._partitions: dict[TopicPartition, _Partition] = {}
+        self.sink: Sink
+        if settings.processing_guarantee == "exactly_once":
+            self.sink = ExactlyOnceSink(settings, self.consumer, self.stats, self._fail,
+                                        rewind=self._rewind)
+        else:
+            self.sink = AtLeastOnceSink(settings, self.consumer, self.stats, self._fail)
+        self._partitions: dict[TopicPartition, PartitionState] = {}
         self._generations = itertools.count()
         self._pending: asyncio.Queue[_Entry | None] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._closing = asyncio.Event()
-        self._commit_lock = asyncio.Lock()
-        self._retries: set[asyncio.Task[None]] = set()
         self._fatal: BaseException | None = None
         self._state = "new"
 
@@ -120,12 +117,12 @@ class StreamProcessor:
         await self.stop()
 
     async def start(self) -> None:
-        """Check topics, connect the producer and consumer, join the group. Idempotent."""
+        """Check topics, connect the producer(s) and the consumer, join the group. Idempotent."""
         if self._state != "new":
             return
         self._state = "starting"
         await ensure_topics(self.settings)
-        await start_with_retry("producer", self.producer.start, self.settings)
+        await self.sink.start()
         await start_with_retry("consumer", self.consumer.start, self.settings)
         self.consumer.subscribe([self.settings.kafka_input_topic], listener=_Listener(self))
         self._state = "started"
@@ -138,7 +135,7 @@ class StreamProcessor:
         self._state = "stopped"
         self.request_stop()
         await self.consumer.stop()
-        await self.producer.stop()
+        await self.sink.stop()
 
     def request_stop(self) -> None:
         """Stop fetching; :meth:`run` then drains, commits and returns (signal-safe)."""
@@ -152,8 +149,8 @@ class StreamProcessor:
         return sum(p.tracker.in_flight for p in self._partitions.values())
 
     async def run(self) -> None:
-        """Process until :meth:`request_stop`, then drain, flush, commit. Raises on a fatal
-        error (a send that never succeeded, no healthy replica) after committing what is safe."""
+        """Process until :meth:`request_stop`, then drain, flush, commit. Raises a fatal error
+        (a send that never succeeded, no healthy replica) after committing what is safe."""
         async with asyncio.TaskGroup() as group:
             emitter = group.create_task(self._emit_loop(), name="emit")
             group.create_task(self._commit_loop(), name="commit")
@@ -162,21 +159,26 @@ class StreamProcessor:
             self._pending.put_nowait(None)
             await emitter
             self._closing.set()
-        await self.producer.flush()
         await self.commit()
         if self._fatal is not None:
             raise self._fatal
 
+    async def commit(self) -> None:
+        await self.sink.commit(dict(self._partitions))
+
     # --- fetch ------------------------------------------------------------------------------
     async def _fetch_loop(self) -> None:
-        poll_ms = 200
         while not self._stop.is_set():
             self._backpressure()
             batches = await self.consumer.getmany(
-                timeout_ms=poll_ms, max_records=self.settings.kafka_max_poll_records)
+                timeout_ms=200, max_records=self.settings.kafka_max_poll_records)
             for tp, records in batches.items():
+                first = self._partitions.get(tp)
                 for record in records:
-                    await self._accept(tp, record)
+                    partition = self._partitions.get(tp)
+                    if partition is None or partition is not first or not partition.accepting:
+                        break  # revoked or rewound meanwhile: these records are stale
+                    await self._accept(tp, partition, record)
 
     def _backpressure(self) -> None:
         """Pause fetching while the worker's queue is full or too much is open; resume at half."""
@@ -192,11 +194,10 @@ class StreamProcessor:
             self.stats.paused = False
             log.info("backpressure: resuming fetch")
 
-    async def _accept(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
-        partition = self._partitions.get(tp)
-        if partition is None or not partition.accepting:
-            return  # revoked while this fetch was in hand; the next owner reads it again
+    async def _accept(self, tp: TopicPartition, partition: PartitionState,
+                      record: ConsumerRecord[bytes, bytes]) -> None:
         partition.tracker.add(record.offset)
+        partition.unemitted += 1
         self.stats.consumed += 1
         entry = _Entry(tp, partition.generation, record, time.monotonic())
         try:
@@ -222,17 +223,24 @@ class StreamProcessor:
             if partition is None or partition.generation != entry.generation:
                 self.stats.dropped_after_revoke += 1
                 continue
-            if error is not None and not error.dead_letter:
-                self._fail(error)  # not this record's fault: leave it open, never commit it
+            partition.unemitted -= 1
+            if partition.blocked:
                 continue
-            await self._send(entry, partition, summary, error)
+            if error is not None and not error.dead_letter:
+                # Not this record's fault (no healthy replica, worker closed): nothing after
+                # it in this partition may be written, so nothing past it is ever committed.
+                partition.blocked = True
+                self._fail(error)
+                continue
+            await self.sink.emit(entry.tp, partition, self._outbound(entry, summary, error))
 
-    def _output(self, entry: _Entry, summary: str | None, error: StreamprocError | None
-                ) -> tuple[str, bytes, bytes | None, list[tuple[str, bytes]]]:
+    def _outbound(self, entry: _Entry, summary: str | None,
+                  error: StreamprocError | None) -> Outbound:
         record = entry.record
         if error is not None:
             headers = dead_letter_headers(error, record.topic, record.partition, record.offset)
-            return self.settings.kafka_dlq_topic, record.value or b"", record.key, headers
+            return Outbound(record.offset, self.settings.kafka_dlq_topic, record.value or b"",
+                            record.key, headers, error.reason_code)
         assert entry.item is not None and summary is not None
         timings = {"processing": (time.monotonic() - entry.fetched_at) * 1000}
         if record.timestamp and record.timestamp > 0:
@@ -240,53 +248,8 @@ class StreamProcessor:
         value = Summary(entry.item.id, summary, self.settings.resolved_model_name,
                         SourceRef(record.topic, record.partition, record.offset), timings,
                         entry.item.passthrough()).to_json()
-        return (self.settings.kafka_output_topic, value,
-                record.key or entry.item.id.encode(), [])
-
-    async def _send(self, entry: _Entry, partition: _Partition, summary: str | None,
-                    error: StreamprocError | None) -> None:
-        topic, value, key, headers = self._output(entry, summary, error)
-        delivery = await self.producer.send(topic, value=value, key=key, headers=headers)
-
-        def acknowledged(fut: asyncio.Future[object]) -> None:
-            if fut.cancelled() or fut.exception() is not None:
-                task = asyncio.create_task(self._resend(entry, partition, error, topic, value,
-                                                        key, headers, fut))
-                self._retries.add(task)
-                task.add_done_callback(self._retries.discard)
-                return
-            self._complete(entry, partition, error)
-
-        delivery.add_done_callback(acknowledged)
-
-    async def _resend(self, entry: _Entry, partition: _Partition, error: StreamprocError | None,
-                      topic: str, value: bytes, key: bytes | None,
-                      headers: list[tuple[str, bytes]], failed: asyncio.Future[object]) -> None:
-        """Retry one send with backoff; its offset stays open until the broker has it."""
-        deadline = time.monotonic() + SEND_RETRY_LIMIT_S
-        delay, last = 0.5, (None if failed.cancelled() else failed.exception())
-        while time.monotonic() < deadline:
-            self.stats.send_retries += 1
-            log.warning("send to %s failed (%s); retrying in %.1f s", topic, last, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-            try:
-                await (await self.producer.send(topic, value=value, key=key, headers=headers))
-            except KafkaError as exc:
-                last = exc
-                continue
-            self._complete(entry, partition, error)
-            return
-        self._fail(StreamprocError(f"could not write to {topic} for {SEND_RETRY_LIMIT_S:.0f} s: "
-                                   f"{last}"))
-
-    def _complete(self, entry: _Entry, partition: _Partition,
-                  error: StreamprocError | None) -> None:
-        partition.tracker.complete(entry.record.offset)
-        if error is None:
-            self.stats.produced += 1
-        else:
-            self.stats.dead_letter(error.reason_code)
+        return Outbound(record.offset, self.settings.kafka_output_topic, value,
+                        record.key or entry.item.id.encode(), [], None)
 
     def _fail(self, error: BaseException) -> None:
         if self._fatal is None:
@@ -295,22 +258,6 @@ class StreamProcessor:
         self.request_stop()
 
     # --- commit and rebalance ---------------------------------------------------------------
-    async def commit(self, only: set[TopicPartition] | None = None) -> None:
-        """Commit each partition's contiguous completed prefix (see the protocol above)."""
-        async with self._commit_lock:
-            offsets = {tp: pos for tp, p in self._partitions.items()
-                       if (only is None or tp in only) and (pos := p.tracker.committable())}
-            if not offsets:
-                return
-            try:
-                await self.consumer.commit(offsets)
-            except KafkaError as exc:
-                log.warning("commit of %d partition(s) failed: %r", len(offsets), exc)
-                return
-            for tp, pos in offsets.items():
-                self._partitions[tp].tracker.mark_committed(pos)
-            self.stats.commits += 1
-
     async def _commit_loop(self) -> None:
         interval = self.settings.kafka_commit_interval_ms / 1000
         while not self._closing.is_set():
@@ -320,11 +267,12 @@ class StreamProcessor:
                 await self.commit()
 
     async def _drain(self, within_s: float, only: set[TopicPartition] | None = None) -> bool:
-        """Wait until no record (of ``only``, or of any partition) is open."""
+        """Wait until every accepted record (of ``only``, or of all partitions) is settled:
+        acknowledged (at-least-once) or buffered for the next transaction (exactly-once)."""
         deadline = time.monotonic() + within_s
-        while any(p.tracker.in_flight for tp, p in self._partitions.items()
-                  if only is None or tp in only):
-            if time.monotonic() > deadline or (self._fatal is not None and only is None):
+        while not all(self.sink.settled(p) or p.blocked for tp, p in self._partitions.items()
+                      if only is None or tp in only):
+            if time.monotonic() > deadline:
                 log.warning("%d record(s) still open after %.1f s; they will be read again "
                             "by the next owner", self.in_flight(), within_s)
                 return False
@@ -337,13 +285,29 @@ class StreamProcessor:
             self._partitions[tp].accepting = False
         if mine:
             await self._drain(self.settings.shutdown_timeout_s, only=mine)
-            await self.commit(only=mine)
+            await self.sink.commit({tp: self._partitions[tp] for tp in mine})
+            await self.sink.revoked(mine)
         for tp in mine:
             del self._partitions[tp]
-        log.info("partitions revoked: %s", sorted(f"{tp.topic}-{tp.partition}" for tp in mine))
+        log.info("partitions revoked: %s", _names(mine))
 
-    def _assign(self, assigned: set[TopicPartition]) -> None:
-        for tp in assigned:
-            self._partitions.setdefault(tp, _Partition(next(self._generations)))
-        log.info("partitions assigned: %s",
-                 sorted(f"{tp.topic}-{tp.partition}" for tp in assigned))
+    async def _assign(self, assigned: set[TopicPartition]) -> None:
+        new = {tp: PartitionState(next(self._generations)) for tp in assigned
+               if tp not in self._partitions}
+        self._partitions.update(new)
+        await self.sink.assigned(new)
+        log.info("partitions assigned: %s", _names(assigned))
+
+    async def _rewind(self, tp: TopicPartition, fenced: bool) -> None:
+        """Forget the partition's work in hand; read again from its committed offset, or,
+        when fenced, take nothing more until the rebalance takes it away."""
+        partition = PartitionState(next(self._generations))
+        partition.accepting = not fenced
+        self._partitions[tp] = partition
+        if fenced:
+            return
+        committed = await self.consumer.committed(tp)
+        if committed is None:
+            await self.consumer.seek_to_beginning(tp)
+        else:
+            self.consumer.seek(tp, committed)

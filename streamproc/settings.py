@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: str | None = None
     kafka_ssl_certfile: str | None = None
     kafka_ssl_keyfile: str | None = None
+    kafka_transactional_id_prefix: str = "streamproc"
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     max_input_bytes: int = Field(default=1_000_000, ge=1)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
     # --- operations ------------------------------------------------------------------------
