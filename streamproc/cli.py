@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -100,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"streamproc: invalid setting {exc}", file=sys.stderr)
         return 2
     configure_logging(settings)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Loading weights" bars
     try:
         return int(args.func(settings, args))
     except ConfigError as exc:

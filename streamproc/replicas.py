@@ -82,10 +82,13 @@ async def measure_warmup(replica: Replica[M], task: Callable[[M, list[Any]], Seq
         log.warning("%s: GPU_ENABLE_WARMUP is set but no warm-up payloads were given", replica.name)
         return 0.0
 
+    on_gpu = replica.device.startswith("cuda")
+    if not on_gpu:  # no VRAM to plan from on the CPU: a short batch only loads the code paths
+        payloads = payloads[:CPU_WARMUP_ITEMS]
+
     def run() -> float:
-        if not replica.device.startswith("cuda"):
-            # No VRAM to plan from on the CPU: a short batch only loads the code paths.
-            task(replica.model, payloads[:CPU_WARMUP_ITEMS])
+        if not on_gpu:
+            task(replica.model, payloads)
             return 0.0
         import torch
 
