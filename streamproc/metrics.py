@@ -1,16 +1,31 @@
-"""Counters of the engine. ``GPUWorker.get_metrics`` reads them; so will ``/metrics``."""
+"""Counters and histograms of the engine and the pipeline.
+
+They are plain attributes and unregistered ``prometheus_client`` histograms, owned by the
+worker and the processor (no global registry). ``GPUWorker.get_metrics()`` reads them, and
+:mod:`streamproc.observability` exports the very same objects on ``/metrics``.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+from prometheus_client import Histogram
+
 __all__ = ["PipelineStats", "WorkerStats"]
+
+_ITEM_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024)
+_TOKEN_BUCKETS = tuple(2.0**i for i in range(6, 21))
+_SECOND_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def _histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+    return Histogram(name, doc, buckets=buckets, registry=None)
 
 
 @dataclass(slots=True)
 class WorkerStats:
-    """Plain counters, touched only from the event loop thread."""
+    """Touched only from the event loop thread."""
 
     started_at: float = field(default_factory=time.monotonic)
     total_inferences: int = 0  # items answered with a result
@@ -21,6 +36,16 @@ class WorkerStats:
     inference_seconds: float = 0.0  # wall time inside model calls, summed over replicas
     oom_splits: int = 0
     chunk_retries: int = 0
+    queue_wait: Histogram = field(default_factory=lambda: _histogram(
+        "streamproc_queue_wait_seconds", "Time an item waited in the queue before its batch "
+        "was dispatched.", _SECOND_BUCKETS))
+    batch_size_items: Histogram = field(default_factory=lambda: _histogram(
+        "streamproc_batch_size_items", "Items per dispatched batch.", _ITEM_BUCKETS))
+    batch_size_tokens: Histogram = field(default_factory=lambda: _histogram(
+        "streamproc_batch_size_tokens", "Estimated input tokens per dispatched batch.",
+        _TOKEN_BUCKETS))
+    batch_inference: Histogram = field(default_factory=lambda: _histogram(
+        "streamproc_batch_inference_seconds", "Wall time of one model call.", _SECOND_BUCKETS))
 
     def as_dict(self) -> dict[str, float | int]:
         elapsed = max(time.monotonic() - self.started_at, 1e-9)
@@ -50,18 +75,23 @@ class PipelineStats:
     send_retries: int = 0
     dropped_after_revoke: int = 0
     paused: bool = False
+    end_to_end: Histogram = field(default_factory=lambda: _histogram(
+        "streamproc_end_to_end_latency_seconds", "From the input record's timestamp to the "
+        "broker's acknowledgement (or transaction commit) of its output.", _SECOND_BUCKETS))
 
     def dead_letter(self, reason_code: str) -> None:
         self.dead_letters[reason_code] = self.dead_letters.get(reason_code, 0) + 1
 
+    def answered(self) -> int:
+        return self.produced + sum(self.dead_letters.values())
+
     def as_dict(self) -> dict[str, object]:
         elapsed = max(time.monotonic() - self.started_at, 1e-9)
-        answered = self.produced + sum(self.dead_letters.values())
         return {
             "consumed": self.consumed,
             "produced": self.produced,
             "dead_letters": dict(self.dead_letters),
-            "answered_per_second": answered / elapsed,
+            "answered_per_second": self.answered() / elapsed,
             "commits": self.commits,
             "send_retries": self.send_retries,
             "dropped_after_revoke": self.dropped_after_revoke,

@@ -104,6 +104,7 @@ class StreamProcessor:
         self._pending: asyncio.Queue[_Entry | None] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._closing = asyncio.Event()
+        self.joined = asyncio.Event()  # set once the group has handed out an assignment
         self._fatal: BaseException | None = None
         self._state = "new"
 
@@ -140,6 +141,10 @@ class StreamProcessor:
     def request_stop(self) -> None:
         """Stop fetching; :meth:`run` then drains, commits and returns (signal-safe)."""
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     @property
     def assigned(self) -> list[TopicPartition]:
@@ -240,7 +245,7 @@ class StreamProcessor:
         if error is not None:
             headers = dead_letter_headers(error, record.topic, record.partition, record.offset)
             return Outbound(record.offset, self.settings.kafka_dlq_topic, record.value or b"",
-                            record.key, headers, error.reason_code)
+                            record.key, headers, error.reason_code, record.timestamp)
         assert entry.item is not None and summary is not None
         timings = {"processing": (time.monotonic() - entry.fetched_at) * 1000}
         if record.timestamp and record.timestamp > 0:
@@ -249,7 +254,7 @@ class StreamProcessor:
                         SourceRef(record.topic, record.partition, record.offset), timings,
                         entry.item.passthrough()).to_json()
         return Outbound(record.offset, self.settings.kafka_output_topic, value,
-                        record.key or entry.item.id.encode(), [], None)
+                        record.key or entry.item.id.encode(), [], None, record.timestamp)
 
     def _fail(self, error: BaseException) -> None:
         if self._fatal is None:
@@ -296,6 +301,7 @@ class StreamProcessor:
                if tp not in self._partitions}
         self._partitions.update(new)
         await self.sink.assigned(new)
+        self.joined.set()
         log.info("partitions assigned: %s", _names(assigned))
 
     async def _rewind(self, tp: TopicPartition, fenced: bool) -> None:

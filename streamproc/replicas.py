@@ -37,6 +37,7 @@ class Replica(Generic[M]):
     consecutive_blames: int = 0
     blames: int = 0
     last_error: str | None = None
+    busy_since: float | None = None  # monotonic start of the model call in progress
 
     @property
     def name(self) -> str:

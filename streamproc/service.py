@@ -1,4 +1,4 @@
-"""``streamproc run``: the long-running service, with signals and a throughput line."""
+"""``streamproc run``: the long-running service, with signals, health and a throughput line."""
 
 from __future__ import annotations
 
@@ -7,48 +7,74 @@ import logging
 import signal
 
 from .engine import build_worker
+from .observability import Observability
 from .pipeline import StreamProcessor
 from .settings import Settings
 
 __all__ = ["report_loop", "run_service"]
 
 log = logging.getLogger("streamproc.service")
+DLQ_BURST_SHARE = 0.2  # warn when this share of an interval's answers were dead letters
+LAG_GROWTH_INTERVALS = 3  # warn when total lag grew this many intervals in a row
 
 
-async def report_loop(processor: StreamProcessor, interval_s: float) -> None:
-    """One throughput line per interval."""
-    last_answered, last_time = 0, asyncio.get_running_loop().time()
+async def report_loop(processor: StreamProcessor, observability: Observability,
+                      interval_s: float) -> None:
+    """One throughput line per interval; warnings for dead-letter bursts and growing lag."""
+    loop = asyncio.get_running_loop()
+    last_answered, last_dead, last_time = 0, 0, loop.time()
+    last_lag, lag_growth = 0, 0
     while True:
         await asyncio.sleep(interval_s)
         stats = processor.stats
-        answered = stats.produced + sum(stats.dead_letters.values())
-        now = asyncio.get_running_loop().time()
+        answered, dead = stats.answered(), sum(stats.dead_letters.values())
+        now = loop.time()
         rate = (answered - last_answered) / max(now - last_time, 1e-9)
-        last_answered, last_time = answered, now
+        new_answers, new_dead = answered - last_answered, dead - last_dead
+        last_answered, last_dead, last_time = answered, dead, now
+        lag = sum(observability.lag.values())
+        lag_growth = lag_growth + 1 if lag > last_lag else 0
+        last_lag = lag
         worker = processor.worker.get_metrics()
         log.info(
             "throughput %.1f items/s consumed=%d produced=%d dead_letters=%d open=%d "
-            "queue=%d mean_batch=%.1f partitions=%d paused=%s",
-            rate, stats.consumed, stats.produced, sum(stats.dead_letters.values()),
-            processor.in_flight(), worker["queue_depth"], worker["mean_batch_size"],
-            len(processor.assigned), stats.paused)
+            "queue=%d mean_batch=%.1f partitions=%d lag=%d paused=%s",
+            rate, stats.consumed, stats.produced, dead, processor.in_flight(),
+            worker["queue_depth"], worker["mean_batch_size"], len(processor.assigned), lag,
+            stats.paused)
+        if new_dead and new_dead >= DLQ_BURST_SHARE * new_answers:
+            log.warning("dead-letter burst: %d of the last %d answers went to %s (by reason: "
+                        "%s)", new_dead, new_answers, processor.settings.kafka_dlq_topic,
+                        stats.dead_letters)
+        if lag_growth >= LAG_GROWTH_INTERVALS:
+            log.warning("consumer lag has grown for %d intervals (now %d records): add "
+                        "processes to the group, or raise GPU_BATCH_SIZE", lag_growth, lag)
 
 
 async def run_service(settings: Settings) -> int:
-    """Load and warm the model, join the group, process until SIGTERM/SIGINT, then drain,
-    produce, commit and close. Returns the exit code."""
+    """Serve health at once, load and warm the model, join the group, process until SIGTERM
+    or SIGINT, then drain, produce, commit and close. Returns the exit code."""
     log.info("starting: %s", {k: v for k, v in settings.masked().items()
-                              if k.startswith(("KAFKA_", "GPU_", "MODEL_", "SUMMARIZER"))})
-    async with build_worker(settings) as worker, StreamProcessor(settings, worker) as processor:
-        loop = asyncio.get_running_loop()
+                              if k.startswith(("KAFKA_", "GPU_", "MODEL_", "SUMMARIZER",
+                                               "PROCESSING_"))})
+    worker = build_worker(settings)
+    processor = StreamProcessor(settings, worker)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, processor.request_stop)
+    try:
+        async with Observability(settings, worker, processor) as observability, worker:
+            if processor.stopping:  # a signal arrived while the model loaded
+                return 0
+            async with processor:
+                reporter = asyncio.create_task(
+                    report_loop(processor, observability, settings.log_interval_s))
+                try:
+                    await processor.run()  # its errors propagate as they are
+                finally:
+                    reporter.cancel()
+            log.info("stopped cleanly: %s", processor.stats.as_dict())
+    finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, processor.request_stop)
-        reporter = asyncio.create_task(report_loop(processor, settings.log_interval_s))
-        try:
-            await processor.run()
-        finally:
-            reporter.cancel()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-        log.info("stopped cleanly: %s", processor.stats.as_dict())
+            loop.remove_signal_handler(sig)
     return 0

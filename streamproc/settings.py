@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     log_interval_s: float = Field(default=10.0, gt=0)
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    health_batch_deadline_s: float = Field(default=300.0, gt=0)
 
     @field_validator(
         "gpu_max_model_instances", "gpu_max_batch_tokens", "model_name", "gen_num_beams",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ class Outbound:
     key: bytes | None
     headers: list[tuple[str, bytes]]
     reason_code: str | None  # None for a summary, else the dead letter's reason code
+    source_timestamp_ms: int | None = None
 
 
 class Sink:
@@ -68,6 +70,9 @@ class Sink:
         self.lock = asyncio.Lock()
 
     def count(self, record: Outbound) -> None:
+        """The record is safely written (acknowledged, or its transaction committed)."""
+        if record.source_timestamp_ms is not None and record.source_timestamp_ms > 0:
+            self.stats.end_to_end.observe(max(time.time() - record.source_timestamp_ms / 1000, 0))
         if record.reason_code is None:
             self.stats.produced += 1
         else:

@@ -182,8 +182,7 @@ class GPUWorker(Generic[M, P, R]):
         assert self._batcher is not None
         while batch := await self._batcher.next_batch():
             live = [r for r in batch if not r.future.done()]
-            self.stats.batches += 1
-            self.stats.batch_items += len(live)
+            self._observe_batch(live)
             healthy = [r for r in self.replicas if r.healthy]
             if not healthy:
                 self._fail(live, NoHealthyReplica("every model replica is out of rotation"))
@@ -193,15 +192,28 @@ class GPUWorker(Generic[M, P, R]):
             pairs = zip(healthy, chunks, strict=False)  # fewer chunks than replicas is fine
             await asyncio.gather(*(self._run_chunk(r, c) for r, c in pairs))
 
+    def _observe_batch(self, batch: list[_Request[P, R]]) -> None:
+        now = time.monotonic()
+        self.stats.batches += 1
+        self.stats.batch_items += len(batch)
+        self.stats.batch_size_items.observe(len(batch))
+        if self._cost is not None:
+            self.stats.batch_size_tokens.observe(sum(self._cost(r.payload) for r in batch))
+        for request in batch:
+            self.stats.queue_wait.observe(now - request.enqueued_at)
+
     async def _call(self, replica: Replica[M], chunk: list[_Request[P, R]]) -> Sequence[R]:
         loop = asyncio.get_running_loop()
-        started = time.monotonic()
+        started = replica.busy_since = time.monotonic()
         self.stats.model_calls += 1
         try:
             results = await loop.run_in_executor(
                 replica.executor, self._task, replica.model, [r.payload for r in chunk])
         finally:
-            self.stats.inference_seconds += time.monotonic() - started
+            replica.busy_since = None
+            elapsed = time.monotonic() - started
+            self.stats.inference_seconds += elapsed
+            self.stats.batch_inference.observe(elapsed)
         if len(results) != len(chunk):
             raise InferenceFailed(f"the task returned {len(results)} results for {len(chunk)}")
         return results
@@ -283,6 +295,12 @@ class GPUWorker(Generic[M, P, R]):
                 self.stats.failures += 1
 
     # --- metrics -----------------------------------------------------------------------------
+    def longest_running_call_s(self) -> float:
+        """How long the oldest model call in progress has run (0 when idle): for liveness."""
+        now = time.monotonic()
+        return max((now - r.busy_since for r in self.replicas if r.busy_since is not None),
+                   default=0.0)
+
     def get_metrics(self) -> dict[str, Any]:
         per_device: dict[str, int] = {}
         for replica in self.replicas:
