@@ -2,9 +2,11 @@
 
 Items wait in a bounded buffer. :meth:`MicroBatcher.next_batch` returns a batch as soon as
 ``max_items`` are waiting, or ``max_delay_s`` after the *first* item of the batch arrived
-(monotonic clock), whichever comes first. An optional ``cost`` function and ``max_cost``
-budget (for example tokens) also close a batch; the item that would overflow it opens the
-next one. :meth:`put` waits while the buffer is full: nothing is dropped.
+(monotonic clock), whichever comes first. An optional ``cost`` (for example tokens) and
+``max_cost`` budget also close a batch when ``items x longest cost`` (the padded size) would
+exceed it; the item that would overflow opens the next one. With a ``sort_window`` and a
+backlog longer than one batch, the batch is chosen by length instead (see
+:meth:`_take_similar`). :meth:`put` waits while the buffer is full: nothing is dropped.
 
 After :meth:`close`, ``put`` raises and ``next_batch`` hands out what is left without
 waiting, then returns an empty list.
@@ -13,6 +15,7 @@ waiting, then returns an empty list.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +37,7 @@ class MicroBatcher(Generic[T]):
         *,
         cost: Callable[[T], int] | None = None,
         max_cost: int | None = None,
+        sort_window: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_items < 1 or maxsize < 1 or max_delay_s < 0:
@@ -43,6 +47,7 @@ class MicroBatcher(Generic[T]):
         self.maxsize = maxsize
         self._cost = cost
         self._max_cost = max_cost
+        self._window = sort_window
         self._clock = clock
         self._items: deque[tuple[float, T]] = deque()
         self._not_empty = asyncio.Event()
@@ -90,9 +95,11 @@ class MicroBatcher(Generic[T]):
                 return []
             self._not_empty.clear()
             await self._not_empty.wait()
+        if self._cost is not None and self._window and len(self._items) > self.max_items:
+            return self._take_similar()
         deadline = self._items[0][0] + self.max_delay_s
         batch: list[T] = []
-        spent = 0
+        longest = 0
         while len(batch) < self.max_items:
             if not self._items:
                 remaining = deadline - self._clock()
@@ -106,12 +113,44 @@ class MicroBatcher(Generic[T]):
                     break
                 continue
             item = self._items[0][1]
-            if self._cost is not None and self._max_cost is not None:
-                item_cost = self._cost(item)
-                if batch and spent + item_cost > self._max_cost:
+            if self._cost is not None:
+                longest = max(longest, self._cost(item))
+                if batch and not self._fits(len(batch) + 1, longest):
                     break
-                spent += item_cost
             self._items.popleft()
             batch.append(item)
             self._not_full.set()
         return batch
+
+    def _fits(self, count: int, longest: int) -> bool:
+        """The padded size (items x longest) stays within the budget."""
+        return self._max_cost is None or count * longest <= self._max_cost
+
+    def _take_similar(self) -> list[T]:
+        """With a backlog, batch the oldest item with the waiting items closest to it in
+        length (within the look-ahead window), so padding stays small. The oldest item always
+        goes, so nothing starves; the batch keeps arrival order."""
+        assert self._cost is not None
+        window = [item for _, item in itertools.islice(self._items, self._window)]
+        costs = [self._cost(item) for item in window]
+        order = sorted(range(len(window)), key=lambda i: (costs[i], i))
+        lo = hi = order.index(0)
+        longest = costs[0]
+        while hi - lo + 1 < self.max_items:
+            below = order[lo - 1] if lo > 0 else None
+            above = order[hi + 1] if hi + 1 < len(order) else None
+            options = [i for i in (below, above) if i is not None
+                       and self._fits(hi - lo + 2, max(longest, costs[i]))]
+            if not options:
+                break
+            pick = min(options, key=lambda i: abs(costs[i] - costs[0]))
+            longest = max(longest, costs[pick])
+            lo, hi = (lo - 1, hi) if pick == below else (lo, hi + 1)
+        chosen = set(order[lo:hi + 1])
+        kept = [entry for i, entry in enumerate(itertools.islice(self._items, len(window)))
+                if i not in chosen]
+        for _ in range(len(window)):
+            self._items.popleft()
+        self._items.extendleft(reversed(kept))
+        self._not_full.set()
+        return [window[i] for i in sorted(chosen)]

@@ -7,7 +7,7 @@ from importlib import resources
 
 from .messages import FeedItem, decode_feed_item
 from .settings import GPUConfig, Settings
-from .summarizers import Summarizer, load_summarizer, summarize_batch
+from .summarizers import Summarizer, load_summarizer, prepare_batch, run_prepared
 from .worker import GPUWorker
 
 __all__ = ["SummaryWorker", "build_worker", "estimate_tokens", "sample_feed"]
@@ -40,7 +40,8 @@ def build_worker(settings: Settings) -> SummaryWorker:
     return GPUWorker(
         functools.partial(load_summarizer, settings),
         config,
-        summarize_batch,
+        run_prepared,
+        prepare=prepare_batch,
         cost=functools.partial(estimate_tokens, settings.max_input_tokens),
     )
 

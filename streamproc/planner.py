@@ -47,7 +47,7 @@ class DevicePlan:
     replicas: int
     memory_allows: int | None
     limited_by: Literal["memory", "multi_instance_disabled", "GPU_MAX_MODEL_INSTANCES",
-                        "MODEL_POOL_ENABLED", "MODEL_POOL_MAX_INSTANCES", "cpu"]
+                        "MODEL_POOL_ENABLED", "MODEL_POOL_MAX_INSTANCES", "cpu", "autotune"]
     total_gb: float | None
     free_gb: float | None
     model_gb: float

@@ -68,6 +68,16 @@ class Replica(Generic[M]):
     def succeeded(self) -> None:
         self.consecutive_blames = 0
 
+    def retire(self) -> None:
+        """Leave the rotation for good and free the model (autotune found it not worth it)."""
+        self.healthy = False
+        self.executor.shutdown(wait=False)
+        self.model = None  # type: ignore[assignment]
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
     def describe(self) -> dict[str, Any]:
         return {"index": self.index, "device": self.device, "healthy": self.healthy,
                 "blames": self.blames, "last_error": self.last_error}

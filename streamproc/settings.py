@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # --- engine additions ------------------------------------------------------------------
     gpu_device_ids: list[int] | Literal["cpu"] | None = None
     gpu_max_batch_tokens: int | None = Field(default=None, ge=1)
+    gpu_length_sort_window: int | None = Field(default=None, ge=0)
+    gpu_autotune: bool = True
+    gpu_static_cache: bool = False
     replica_max_failures: int = Field(default=3, ge=1)
     # --- model -----------------------------------------------------------------------------
     summarizer: Literal["seq2seq", "extractive", "identity"] = "seq2seq"
@@ -89,7 +92,8 @@ class Settings(BaseSettings):
     health_batch_deadline_s: float = Field(default=300.0, gt=0)
 
     @field_validator(
-        "gpu_max_model_instances", "gpu_max_batch_tokens", "model_name", "gen_num_beams",
+        "gpu_max_model_instances", "gpu_max_batch_tokens", "gpu_length_sort_window",
+        "model_name", "gen_num_beams",
         "gen_min_length", "gen_max_length", "gen_length_penalty", "gen_no_repeat_ngram_size",
         "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
         "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
@@ -132,6 +136,13 @@ class Settings(BaseSettings):
             return "identity"
         return DEFAULT_SEQ2SEQ_MODEL
 
+    @property
+    def autotune_enabled(self) -> bool:
+        """Calibrate the batch size at start: only with warm-up on, and only when neither
+        ``GPU_BATCH_SIZE`` nor ``GPU_MAX_BATCH_TOKENS`` was set explicitly (those force it)."""
+        forced = {"gpu_batch_size", "gpu_max_batch_tokens"} & self.model_fields_set
+        return self.gpu_autotune and self.gpu_enable_warmup and not forced
+
     def masked(self) -> dict[str, Any]:
         """Every setting by variable name, secrets masked, for logs and ``streamproc plan``."""
         out: dict[str, Any] = {}
@@ -173,6 +184,9 @@ class GPUConfig:
     pool_max_instances: int = 1
     device_ids: list[int] | Literal["cpu"] | None = None
     max_batch_tokens: int | None = None
+    length_sort_window: int | None = None  # None: 4 x batch_size when a cost function is given
+    autotune: bool = False
+    autotune_candidates: tuple[int, ...] | None = None  # None: autotune.GPU_CANDIDATES
     replica_max_failures: int = 3
     warmup_payloads: tuple[Any, ...] = field(default=())
 
@@ -208,6 +222,8 @@ class GPUConfig:
             pool_max_instances=settings.model_pool_max_instances,
             device_ids=settings.gpu_device_ids,
             max_batch_tokens=settings.gpu_max_batch_tokens,
+            length_sort_window=settings.gpu_length_sort_window,
+            autotune=settings.autotune_enabled,
             replica_max_failures=settings.replica_max_failures,
             **extra,
         )

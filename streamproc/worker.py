@@ -16,13 +16,16 @@ chunk it failed succeeds elsewhere, or when every item of a chunk fails on it al
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from .autotune import TuneReport, tune_batch_size, tune_replicas
 from .batcher import MicroBatcher
 from .errors import InferenceFailed, ItemTooLarge, NoHealthyReplica, StreamprocError, WorkerClosed
 from .metrics import WorkerStats
@@ -36,6 +39,7 @@ P = TypeVar("P")
 R = TypeVar("R")
 M = TypeVar("M")
 log = logging.getLogger("streamproc.worker")
+AUTOTUNE_BUDGET_S = 120.0
 
 
 @dataclass(slots=True)
@@ -50,14 +54,18 @@ class GPUWorker(Generic[M, P, R]):
         self,
         model_loader: Callable[[str], M],
         config: GPUConfig,
-        task: Callable[[M, list[P]], Sequence[R]],
+        task: Callable[[M, Any], Sequence[R]],
         *,
         cost: Callable[[P], int] | None = None,
+        prepare: Callable[[M, list[P]], Any] | None = None,
     ) -> None:
         self.config = config
         self._loader = model_loader
         self._task = task
+        self._prepare = prepare
         self._cost = cost
+        self.autotune: TuneReport | None = None
+        self._prep_executor = ThreadPoolExecutor(1, thread_name_prefix="prepare")
         self.replicas: list[Replica[M]] = []
         self.plan: list[DevicePlan] = []
         self.stats = WorkerStats()
@@ -94,8 +102,12 @@ class GPUWorker(Generic[M, P, R]):
                 raise
             cfg = self.config
             cost_fn = None if self._cost is None else self._request_cost
+            window = cfg.length_sort_window
+            if window is None:
+                window = 4 * cfg.batch_size if self._cost is not None else 0
             self._batcher = MicroBatcher(cfg.batch_size, cfg.max_delay_ms / 1000, cfg.queue_size,
-                                         cost=cost_fn, max_cost=cfg.max_batch_tokens)
+                                         cost=cost_fn, max_cost=cfg.max_batch_tokens,
+                                         sort_window=window)
             self.stats = WorkerStats()
             self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="gpuworker")
             self._state = "running"
@@ -122,25 +134,48 @@ class GPUWorker(Generic[M, P, R]):
     def _close_replicas(self) -> None:
         for replica in self.replicas:
             replica.executor.shutdown(wait=False, cancel_futures=True)
+        self._prep_executor.shutdown(wait=False, cancel_futures=True)
+
+    def _direct(self, model: M, payloads: list[P]) -> Sequence[R]:
+        """One batch start to finish on the calling thread (warm-up, calibration, retries)."""
+        return self._task(model, payloads if self._prepare is None
+                          else self._prepare(model, payloads))
 
     async def _load_device(self, device: str) -> None:
         loop = asyncio.get_running_loop()
+        cfg = self.config
         before = probe_memory(device)
         first = await Replica.load(self._loader, device, len(self.replicas), loop)
         self.replicas.append(first)
         after_load = probe_memory(device)
-        activation_gb = await measure_warmup(first, self._task, self.config, loop)
+        activation_gb = await measure_warmup(first, self._direct, cfg, loop)
+        if (cfg.autotune and cfg.enable_warmup and cfg.warmup_payloads and self.autotune is None
+                and device.startswith("cuda")):  # the CPU keeps GPU_BATCH_SIZE
+            self.autotune = await tune_batch_size(first, self._direct, cfg.warmup_payloads,
+                                                  AUTOTUNE_BUDGET_S, cfg.autotune_candidates)
+            assert self.autotune.batch_size is not None
+            self.config = cfg = dataclasses.replace(cfg, batch_size=self.autotune.batch_size)
+            activation_gb = self.autotune.peak_activation_gb[cfg.batch_size]
         model_gb = None
         if before.free_gb is not None and after_load.free_gb is not None:
             model_gb = max(before.free_gb - after_load.free_gb, 0.01)
-        plan = plan_device(before, self.config, model_gb=model_gb, activation_gb=activation_gb)
+        plan = plan_device(before, cfg, model_gb=model_gb, activation_gb=activation_gb)
         if plan.warning:
             log.warning(plan.warning)
-        self.plan.append(plan)
+        device_replicas = [first]
         for _ in range(plan.replicas - 1):
             replica = await Replica.load(self._loader, device, len(self.replicas), loop)
             self.replicas.append(replica)
-            await measure_warmup(replica, self._task, self.config, loop)
+            device_replicas.append(replica)
+            await measure_warmup(replica, self._direct, cfg, loop)
+        if self.autotune is not None and len(device_replicas) > 1:
+            keep = await tune_replicas(device_replicas, self._direct, cfg.warmup_payloads,
+                                       cfg.batch_size, self.autotune)
+            for extra in device_replicas[keep:]:
+                extra.retire()
+                self.replicas.remove(extra)
+            plan = dataclasses.replace(plan, replicas=keep, limited_by="autotune")
+        self.plan.append(plan)
 
     # --- requests ----------------------------------------------------------------------------
     def _request_cost(self, request: _Request[P, R]) -> int:
@@ -179,7 +214,12 @@ class GPUWorker(Generic[M, P, R]):
 
     # --- dispatch ----------------------------------------------------------------------------
     async def _dispatch_loop(self) -> None:
+        """Take a batch, split it into one contiguous chunk per healthy replica, run them.
+        With a ``prepare`` step, the next batch is prepared (tokenized, padded) on its own
+        thread while the replicas run the current one."""
         assert self._batcher is not None
+        loop = asyncio.get_running_loop()
+        running: asyncio.Future[Any] | None = None
         while batch := await self._batcher.next_batch():
             live = [r for r in batch if not r.future.done()]
             self._observe_batch(live)
@@ -189,8 +229,27 @@ class GPUWorker(Generic[M, P, R]):
                 continue
             size = -(-len(live) // len(healthy))  # contiguous chunks, one per replica
             chunks = [live[i:i + size] for i in range(0, len(live), size)]
-            pairs = zip(healthy, chunks, strict=False)  # fewer chunks than replicas is fine
-            await asyncio.gather(*(self._run_chunk(r, c) for r, c in pairs))
+            pairs = list(zip(healthy, chunks, strict=False))  # fewer chunks than replicas: fine
+            prepared: list[Any] = [None] * len(pairs)
+            if self._prepare is not None:
+                prepared = await asyncio.gather(*(loop.run_in_executor(
+                    self._prep_executor, self._prepare_chunk, r, c) for r, c in pairs))
+            if running is not None:
+                await running
+            running = asyncio.gather(*(self._run_chunk(r, c, prepared=p)
+                                       for (r, c), p in zip(pairs, prepared, strict=True)))
+            if self._prepare is None:
+                await running
+                running = None
+        if running is not None:
+            await running
+
+    def _prepare_chunk(self, replica: Replica[M], chunk: list[_Request[P, R]]) -> Any:
+        assert self._prepare is not None
+        try:
+            return self._prepare(replica.model, [r.payload for r in chunk])
+        except Exception:
+            return None
 
     def _observe_batch(self, batch: list[_Request[P, R]]) -> None:
         now = time.monotonic()
@@ -202,13 +261,18 @@ class GPUWorker(Generic[M, P, R]):
         for request in batch:
             self.stats.queue_wait.observe(now - request.enqueued_at)
 
-    async def _call(self, replica: Replica[M], chunk: list[_Request[P, R]]) -> Sequence[R]:
+    async def _call(self, replica: Replica[M], chunk: list[_Request[P, R]],
+                    prepared: Any = None) -> Sequence[R]:
         loop = asyncio.get_running_loop()
         started = replica.busy_since = time.monotonic()
         self.stats.model_calls += 1
         try:
-            results = await loop.run_in_executor(
-                replica.executor, self._task, replica.model, [r.payload for r in chunk])
+            if prepared is not None:
+                results = await loop.run_in_executor(
+                    replica.executor, self._task, replica.model, prepared)
+            else:
+                results = await loop.run_in_executor(
+                    replica.executor, self._direct, replica.model, [r.payload for r in chunk])
         finally:
             replica.busy_since = None
             elapsed = time.monotonic() - started
@@ -219,11 +283,14 @@ class GPUWorker(Generic[M, P, R]):
         return results
 
     async def _run_chunk(self, replica: Replica[M], chunk: list[_Request[P, R]],
-                         retried: bool = False) -> None:
+                         retried: bool = False, prepared: Any = None) -> None:
         if not chunk:
             return
+        if not replica.healthy:  # left the rotation while this chunk was being prepared
+            replica = next((r for r in self.replicas if r.healthy), replica)
+            prepared = None
         try:
-            results = await self._call(replica, chunk)
+            results = await self._call(replica, chunk, prepared)
         except Exception as exc:
             if is_out_of_memory(exc):
                 await self._split_on_oom(replica, chunk, exc)
@@ -313,4 +380,6 @@ class GPUWorker(Generic[M, P, R]):
             "replicas": [r.describe() for r in self.replicas],
             "dead_replicas": sum(not r.healthy for r in self.replicas),
             "plan": [p.as_dict() for p in self.plan],
+            "batch_size": self.config.batch_size,
+            "autotune": None if self.autotune is None else self.autotune.as_dict(),
         }

@@ -63,15 +63,52 @@ async def test_put_waits_while_full_and_nothing_is_dropped() -> None:
     assert seen == [2, 99]
 
 
-async def test_token_budget_closes_a_batch_and_carries_the_item_over() -> None:
+async def test_padded_token_budget_closes_a_batch_and_carries_the_item_over() -> None:
     batcher: MicroBatcher[int] = MicroBatcher(
-        max_items=100, max_delay_s=0, maxsize=100, cost=lambda n: n, max_cost=10)
-    for n in (4, 5, 3, 20, 1):
+        max_items=100, max_delay_s=0, maxsize=100, cost=lambda n: n, max_cost=12)
+    for n in (4, 5, 3, 20, 1, 2):
         await batcher.put(n)
-    assert await batcher.next_batch() == [4, 5]
-    assert await batcher.next_batch() == [3]
+    assert await batcher.next_batch() == [4, 5]  # 3 x 5 = 15 padded tokens would exceed 12
+    assert await batcher.next_batch() == [3]  # 2 x 20 would exceed
     assert await batcher.next_batch() == [20]  # over budget alone still runs alone
-    assert await batcher.next_batch() == [1]
+    assert await batcher.next_batch() == [1, 2]
+
+
+async def test_backlog_is_batched_by_similar_length_and_the_oldest_always_goes() -> None:
+    lengths = [500, 10, 490, 12, 480, 11, 470, 9]
+    batcher: MicroBatcher[int] = MicroBatcher(
+        max_items=4, max_delay_s=0, maxsize=100, cost=lambda n: n, sort_window=16)
+    for n in lengths:
+        await batcher.put(n)
+    first = await batcher.next_batch()
+    assert first == [500, 490, 480, 470]  # the oldest (500) and its neighbours in length
+    assert await batcher.next_batch() == [10, 12, 11, 9]  # arrival order kept within a batch
+
+
+async def test_sorted_batches_respect_the_padded_budget() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(
+        max_items=8, max_delay_s=0, maxsize=100, cost=lambda n: n, max_cost=40, sort_window=32)
+    for n in [10, 10, 10, 10, 10, 30, 9, 9, 9, 9, 9]:
+        await batcher.put(n)
+    batch = await batcher.next_batch()
+    assert batch[0] == 10 and len(batch) * max(batch) <= 40
+
+
+async def test_sorted_selection_loses_and_duplicates_nothing() -> None:
+    import random
+
+    rng = random.Random(7)
+    items = [rng.randint(1, 1000) * 1000 + i for i in range(300)]  # unique, varied lengths
+    batcher: MicroBatcher[int] = MicroBatcher(
+        max_items=16, max_delay_s=0, maxsize=1000, cost=lambda n: n // 1000, sort_window=64)
+    for n in items:
+        await batcher.put(n)
+    batcher.close()
+    seen: list[int] = []
+    while batch := await batcher.next_batch():
+        assert len(batch) <= 16
+        seen += batch
+    assert sorted(seen) == sorted(items)
 
 
 async def test_close_drains_then_returns_empty_and_rejects_puts() -> None:

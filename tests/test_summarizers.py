@@ -71,7 +71,7 @@ def test_seq2seq_truncates_sorts_and_restores_order(
     model = seq2seq(tiny_model_dir, max_input_tokens=16)
     seen: list[int] = []
 
-    def echo(input_ids: Any, attention_mask: Any, generation_config: Any) -> Any:
+    def echo(input_ids: Any, attention_mask: Any, **_: Any) -> Any:
         seen.extend(int(mask.sum()) for mask in attention_mask)
         return input_ids
 

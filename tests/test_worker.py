@@ -163,3 +163,21 @@ async def test_full_queue_makes_callers_wait() -> None:
         last = await asyncio.wait_for(blocked, 5)
         results = await asyncio.gather(first, *queued, last)
     assert results == ["RUNNING@0", "Q1@0", "Q2@0", "Q3@0"]
+
+
+async def test_prepare_step_runs_off_the_replica_thread_and_results_line_up() -> None:
+    prepared_on: set[str] = set()
+
+    def prepare(model: EchoModel, payloads: list[str]) -> list[str]:
+        prepared_on.add(threading.current_thread().name)
+        if "bad" in payloads:
+            raise ValueError("cannot tokenize 'bad'")
+        return [p + "!" for p in payloads]
+
+    async with GPUWorker(Loader(), cpu_config(batch_size=4, pool_max_instances=1), echo_task,
+                         prepare=prepare) as worker:
+        results = await worker.infer_many([f"p{i}" for i in range(20)] + ["bad"])
+    assert results[:20] == [f"P{i}!@0" for i in range(20)]
+    # A failing prepare step is isolated like a failing model call: only "bad" fails.
+    assert isinstance(results[20], InferenceFailed) and "tokenize" in results[20].reason
+    assert "prepare_0" in prepared_on

@@ -1,0 +1,411 @@
+"""Chaos harness: the service under ``kill -9``, broker restarts, rebalances and bad records.
+
+    python -m streamproc.chaos [--n 20000] [--kills 20] [--partitions 6] [--bad 50]
+        [--guarantee at_least_once|exactly_once|both] [--broker-restarts 1]
+        [--rebalance/--no-rebalance] [--bootstrap HOST:PORT] [--seed S] [--timeout-s T]
+
+It starts its own broker (scripts/kafka.sh on 127.0.0.1:39092, data in .kafka/chaos-data)
+unless ``--bootstrap`` is given, and runs ``python -m streamproc run`` (identity summarizer)
+as subprocesses. A feeder keeps at most a window of items ahead of the answers, so every
+event fires while items are in flight; events fire at seeded random points of progress.
+At the end an independent ``read_committed`` consumer reads the output and DLQ topics, and
+one figures line per mode goes to stdout. Exit 1 when an item was lost, on any duplicate
+under exactly_once, or on more duplicates than the at-least-once bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from .progress import Progress
+from .settings import Settings
+
+KAFKA_SH = Path(__file__).resolve().parent.parent / "scripts" / "kafka.sh"
+PORT, CONTROLLER_PORT, DATA_DIR = 39092, 39093, ".kafka/chaos-data"
+BAD = [b"<rss><item>not json</item></rss>", b'{"id": "bad-utf8", "text": "caf\xe9"}',
+       b'["id", "text"]', b'{"id": "bad-no-text"}', b'{"id": 42, "text": "not an id"}']
+
+
+def say(message: str) -> None:
+    print(f"chaos: {message}", file=sys.stderr, flush=True)
+
+
+def broker(action: str, *extra: str) -> None:
+    """Run scripts/kafka.sh for the harness's own broker (39092/39093, .kafka/chaos-data)."""
+    env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    env.update(KAFKA_PORT=str(PORT), KAFKA_CONTROLLER_PORT=str(CONTROLLER_PORT),
+               KAFKA_DATA_DIR=DATA_DIR)
+    done = subprocess.run(["bash", str(KAFKA_SH), action, *extra], env=env, text=True,
+                          capture_output=True, timeout=240, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"kafka.sh {action} failed:\n{done.stderr[-2000:]}")
+
+
+class Processor:
+    """One ``python -m streamproc run`` subprocess; stdout and stderr go to a log file."""
+
+    started = 0
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        Processor.started += 1
+        self.log = logs / f"processor-{Processor.started:02d}.log"
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "streamproc", "run"], cwd=logs,
+                                         env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def has_partitions(self) -> bool:
+        return "partitions assigned: ['" in self.log.read_text(errors="replace")
+
+    async def terminate(self, timeout_s: float = 60) -> int | None:
+        """SIGTERM and wait; the exit code, or None (and kill -9) if it did not exit in time."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+
+
+class Tracker:
+    """Follows the output and DLQ topics (read_committed): the answers so far."""
+
+    def __init__(self, bootstrap: str, tps: list[TopicPartition], progress: Progress) -> None:
+        self.tps, self.progress, self.output = tps, progress, tps[0].topic
+        self.ids: set[str] = set()
+        self.bad: set[tuple[int, int]] = set()  # (partition, offset) of answered bad records
+        self.max_source: dict[int, int] = {}  # highest answered input offset per partition
+        self.first_at = self.last_at = 0.0
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                         auto_offset_reset="earliest",
+                                         isolation_level="read_committed")
+
+    async def run(self) -> None:
+        await self.consumer.start()
+        self.consumer.assign(self.tps)
+        await self.consumer.seek_to_beginning(*self.tps)
+        while True:
+            for records in (await self.consumer.getmany(timeout_ms=100)).values():
+                for record in records:
+                    self._see(record)
+
+    def _see(self, record: Any) -> None:
+        if record.topic == self.output:
+            doc = orjson.loads(record.value)
+            where = (doc["source"]["partition"], doc["source"]["offset"])
+            new, key = doc["id"] not in self.ids, doc["id"]
+            self.ids.add(key)
+        else:
+            headers = {k: v.decode() for k, v in record.headers}
+            where = (int(headers["streamproc.source.partition"]),
+                     int(headers["streamproc.source.offset"]))
+            new = where not in self.bad
+            self.bad.add(where)
+        self.max_source[where[0]] = max(self.max_source.get(where[0], -1), where[1])
+        if new:
+            self.last_at = time.monotonic()
+            self.first_at = self.first_at or self.last_at
+            self.progress.advance()
+
+    async def caught_up(self) -> None:
+        """Wait until everything written to the topics so far has been seen."""
+        end = await self.consumer.end_offsets(self.tps)
+        for _ in range(1200):  # a minute at most
+            if all([await self.consumer.position(tp) >= end[tp] for tp in self.tps]):
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("the tracker did not catch up with the answers in a minute")
+
+
+async def read_committed(bootstrap: str, tps: list[TopicPartition]) -> list[Any]:
+    """An independent reader: a fresh consumer, no group, from the beginning to the end."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                isolation_level="read_committed")
+    await consumer.start()
+    try:
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end, out = await consumer.end_offsets(tps), []
+        while any([await consumer.position(tp) < end[tp] for tp in tps]):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                out.extend(records)
+        return out
+    finally:
+        await consumer.stop()
+
+
+class Run:
+    """One mode: topics, processors, feeder, events, verification."""
+
+    def __init__(self, args: argparse.Namespace, mode: str, bootstrap: str, logs: Path) -> None:
+        self.args, self.mode, self.bootstrap = args, mode, bootstrap
+        name = f"chaos-{uuid.uuid4().hex[:8]}"
+        self.topic, self.group = f"{name}.in", f"{name}-group"
+        self.ids = [f"{name}-{i:06d}" for i in range(args.n)]
+        self.out = [TopicPartition(f"{name}.out", p) for p in range(args.partitions)]
+        self.dlq = [TopicPartition(f"{name}.dlq", p) for p in range(2)]
+        self.logs = logs / f"{mode}-{name}"
+        self.logs.mkdir(parents=True)
+        self.env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+        self.env.update(
+            KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_INPUT_TOPIC=self.topic,
+            KAFKA_OUTPUT_TOPIC=self.out[0].topic, KAFKA_DLQ_TOPIC=self.dlq[0].topic,
+            KAFKA_GROUP_ID=self.group, KAFKA_CREATE_TOPICS="true", PROCESSING_GUARANTEE=mode,
+            SUMMARIZER="identity", GPU_DEVICE_IDS="cpu", GPU_ENABLE_WARMUP="false",
+            GPU_USE_FP16="false", KAFKA_COMMIT_INTERVAL_MS="300", SHUTDOWN_TIMEOUT_S="10",
+            KAFKA_CONNECT_TIMEOUT_S="120", LOG_LEVEL="INFO", LOG_INTERVAL_S="5",
+            KAFKA_TRANSACTIONAL_ID_PREFIX=name)
+        self.sent = self.bad_sent = self.kills = self.restarts = self.exits = 0
+        self.bound = 0  # at-least-once: the duplicates the kills may cause, at most
+        self.in_flight_at_events: list[int] = []
+        self.failures: list[str] = []
+        self.deadline = time.monotonic() + args.timeout_s
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                         enable_idempotence=True, request_timeout_ms=120_000)
+
+    async def admin(self) -> AIOKafkaAdminClient:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
+        await admin.start()
+        return admin
+
+    async def setup(self) -> None:
+        admin = await self.admin()
+        try:
+            await admin.create_topics([NewTopic(self.topic, self.args.partitions, 1),
+                                       NewTopic(self.out[0].topic, len(self.out), 1),
+                                       NewTopic(self.dlq[0].topic, len(self.dlq), 1)])
+        finally:
+            await admin.close()
+        await self.producer.start()
+
+    async def send(self, records: list[tuple[bytes | None, bytes]]) -> None:
+        await asyncio.gather(*[await self.producer.send(self.topic, value=v, key=k)
+                               for k, v in records])
+
+    async def feed(self, tracker: Tracker, window: int) -> None:
+        """Produce the items in order, never more than ``window`` ahead of the answers."""
+        while self.sent < len(self.ids):
+            if self.sent - len(tracker.ids) >= window:
+                await asyncio.sleep(0.02)
+                continue
+            chunk = self.ids[self.sent:self.sent + min(100, window)]
+            await self.send([(i.encode(), orjson.dumps({"id": i, "text": f"Item {i} is news. "
+                                                        "More text follows here."}))
+                             for i in chunk])
+            self.sent += len(chunk)
+
+    async def until(self, done: Callable[[], bool], what: str,
+                    primary: Processor | None = None) -> Processor | None:
+        """Wait for ``done``; restart the primary processor (and report it) if it exited."""
+        while not done():
+            if time.monotonic() > self.deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            if primary is not None and primary.proc.poll() is not None:
+                self.exits += 1
+                self.failures.append(f"processor exited with rc={primary.proc.returncode}")
+                say(f"processor exited unexpectedly (rc={primary.proc.returncode}, log "
+                    f"{primary.log}); restarting it")
+                primary = Processor(self.env, self.logs)
+            await asyncio.sleep(0.05)
+        return primary
+
+    async def uncommitted_answers(self, tracker: Tracker) -> int:
+        """Right after a kill -9: input records with an answer written but not committed.
+
+        Only the killed processor was running, so nothing is being written any more: read the
+        answers up to the end of the topics, then the group's committed offsets. In partition
+        p every record the next owner reads again and had already answered lies between the
+        committed offset c_p and the highest answered offset h_p, so it re-answers at most
+        h_p + 1 - c_p records: summed over partitions and kills, a bound on the duplicates."""
+        await tracker.caught_up()
+        admin = await self.admin()
+        try:
+            committed = await admin.list_consumer_group_offsets(self.group)
+        finally:
+            await admin.close()
+        at = {tp.partition: meta.offset for tp, meta in committed.items()
+              if tp.topic == self.topic}
+        return sum(max(0, high + 1 - max(at.get(p, 0), 0))
+                   for p, high in tracker.max_source.items())
+
+    async def event(self, kind: str, primary: Processor, tracker: Tracker) -> Processor:
+        say(f"{self.mode}: {kind} at {len(tracker.ids)}/{len(self.ids)} answered, "
+            f"{self.sent - len(tracker.ids)} in flight")
+        self.in_flight_at_events.append(self.sent - len(tracker.ids))
+        if kind == "kill":
+            primary.kill()
+            self.kills += 1
+            if self.mode == "at_least_once":
+                self.bound += await self.uncommitted_answers(tracker)
+            return Processor(self.env, self.logs)
+        if kind == "broker":
+            await asyncio.to_thread(broker, "stop")
+            await asyncio.sleep(2)
+            await asyncio.to_thread(broker, "start")
+            self.restarts += 1
+        elif kind == "rebalance":
+            second = Processor(self.env, self.logs)
+            try:
+                for _ in range(600):  # a minute at most to join and get partitions
+                    if second.has_partitions() or second.proc.poll() is not None:
+                        break
+                    await asyncio.sleep(0.1)
+                await asyncio.sleep(3)
+            finally:
+                if (rc := await second.terminate()) != 0:
+                    self.failures.append(f"second processor exited with rc={rc}")
+        elif kind == "bad":
+            await self.send([(None, BAD[i % len(BAD)]) for i in range(self.args.bad)])
+            self.bad_sent += self.args.bad
+        return primary
+
+    async def run(self, rng: random.Random, chaos: bool = True) -> dict[str, Any]:
+        args = self.args
+        events = ["kill"] * args.kills + ["broker"] * args.broker_restarts
+        events += ["rebalance"] * args.rebalance + ["bad"] * (args.bad > 0)
+        events = events if chaos else []
+        rng.shuffle(events)
+        at = [int(args.n * (0.05 + 0.85 * (j + rng.uniform(0.2, 0.8)) / len(events)))
+              for j in range(len(events))]
+        window = max(50, min(2000, args.n // 10)) if chaos else args.n
+        await self.setup()
+        total = args.n + args.bad * (args.bad > 0 and chaos)
+        progress = Progress(total, f"{self.mode}{'' if chaos else ' (clean)'} answered")
+        tracker = Tracker(self.bootstrap, self.out + self.dlq, progress)
+        tasks = [asyncio.create_task(tracker.run()),
+                 asyncio.create_task(self.feed(tracker, window))]
+        started = time.monotonic()
+        primary: Processor | None = Processor(self.env, self.logs)
+        try:
+            last = -1
+            for kind, threshold in zip(events, at, strict=True):
+                def reached(t: int = threshold, s: int = last) -> bool:
+                    return len(tracker.ids) >= t and len(tracker.ids) > s  # progress since
+                primary = await self.until(reached, f"{threshold} answers", primary)
+                assert primary is not None
+                primary = await self.event(kind, primary, tracker)
+                last = len(tracker.ids)
+            primary = await self.until(lambda: len(tracker.ids) == args.n and len(tracker.bad)
+                                       >= self.bad_sent, "every answer", primary)
+        except TimeoutError as exc:
+            self.failures.append(str(exc))
+        finally:
+            elapsed = time.monotonic() - started
+            progress.__exit__(None, None, None)
+            if primary is not None and (rc := await primary.terminate()) != 0:
+                self.failures.append(f"processor exited with rc={rc} on SIGTERM")
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await tracker.consumer.stop()
+            await self.producer.stop()
+        records = await asyncio.wait_for(read_committed(self.bootstrap, self.out + self.dlq), 300)
+        return self.verify(records, elapsed, tracker)
+
+    def verify(self, records: list[Any], elapsed: float, tracker: Tracker) -> dict[str, Any]:
+        outputs = Counter(orjson.loads(r.value)["id"] for r in records
+                          if r.topic == self.out[0].topic)
+        dead = Counter((h["streamproc.source.partition"], h["streamproc.source.offset"])
+                       for r in records if r.topic == self.dlq[0].topic
+                       for h in [{k: v.decode() for k, v in r.headers}])
+        lost = sum(outputs[i] == 0 for i in self.ids) + max(0, self.bad_sent - len(dead))
+        duplicated = sum(n - 1 for n in [*outputs.values(), *dead.values()])
+        if foreign := set(outputs) - set(self.ids):
+            self.failures.append(f"{len(foreign)} output ids that were never sent")
+        line = (f"items={len(self.ids)} kills={self.kills} broker_restarts={self.restarts} "
+                f"lost={lost} duplicated={duplicated} dlq={len(dead)}")
+        if self.mode == "at_least_once":
+            line += f" max_in_flight_at_kills={self.bound}"
+        line += (f" mode={self.mode} elapsed_s={elapsed:.1f} "
+                 f"throughput={len(self.ids) / elapsed:.1f}/s")
+        ok = lost == 0 and not self.failures and (
+            duplicated <= self.bound if self.mode == "at_least_once" else duplicated == 0)
+        busy = tracker.last_at - tracker.first_at
+        return {"line": line, "ok": ok, "failures": self.failures, "logs": self.logs,
+                "rate": (len(tracker.ids) - 1) / busy if busy > 0 else 0.0,
+                "in_flight": min(self.in_flight_at_events, default=None)}
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    say(f"seed {seed}")
+    modes = ["at_least_once", "exactly_once"] if args.guarantee == "both" else [args.guarantee]
+    logs = Path(tempfile.mkdtemp(prefix="streamproc-chaos-"))
+    own = args.bootstrap is None
+    ok = True
+    try:
+        if own:
+            await asyncio.to_thread(broker, "stop", "--wipe")
+            await asyncio.to_thread(broker, "start")
+        bootstrap = args.bootstrap or f"127.0.0.1:{PORT}"
+        for i, mode in enumerate(modes):
+            result = await Run(args, mode, bootstrap, logs).run(random.Random(seed + i))
+            print(result["line"], flush=True)
+            say(f"{mode}: events landed with at least {result['in_flight']} items in flight; "
+                f"logs in {result['logs']}")
+            for failure in result["failures"]:
+                say(f"{mode}: FAILED: {failure}")
+            ok = ok and result["ok"]
+        if len(modes) == 2:
+            rates = {m: (await Run(args, m, bootstrap, logs).run(random.Random(seed), False))
+                     for m in modes}
+            ok = ok and all(r["ok"] for r in rates.values())
+            alo, eos = rates["at_least_once"]["rate"], rates["exactly_once"]["rate"]
+            print(f"clean runs of {args.n} items: at_least_once {alo:.0f}/s, "
+                  f"exactly_once {eos:.0f}/s", flush=True)
+            print(f"throughput exactly_once/at_least_once = {eos / max(alo, 1e-9):.2f}",
+                  flush=True)
+    finally:
+        if own:
+            await asyncio.to_thread(broker, "stop", "--wipe")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m streamproc.chaos", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=20000, help="good items to feed")
+    parser.add_argument("--kills", type=int, default=20, help="kill -9 of the processor")
+    parser.add_argument("--partitions", type=int, default=6, help="input topic partitions")
+    parser.add_argument("--guarantee", default="both",
+                        choices=["at_least_once", "exactly_once", "both"])
+    parser.add_argument("--broker-restarts", type=int, default=1)
+    parser.add_argument("--rebalance", action=argparse.BooleanOptionalAction, default=True,
+                        help="a second processor joins the group for a while, then leaves")
+    parser.add_argument("--bad", type=int, default=50, help="bad records in one burst")
+    parser.add_argument("--bootstrap", help="use this broker instead of starting one")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--timeout-s", type=float, default=1800, help="per run")
+    args = parser.parse_args(argv)
+    if args.bootstrap and args.broker_restarts:
+        parser.error("--bootstrap needs --broker-restarts 0 (only our own broker restarts)")
+    if args.n < 100 or min(args.kills, args.broker_restarts, args.bad, args.partitions - 1) < 0:
+        parser.error("need --n >= 100, --partitions >= 1 and no negative counts")
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Calibration logic, with models whose speed is known (pure logic, no GPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from streamproc.autotune import TuneReport, tune_batch_size, tune_replicas
+from streamproc.errors import OutOfMemory
+from streamproc.replicas import Replica
+
+
+def replica(index: int, model: object) -> Replica[object]:
+    return Replica(index, "cpu", model, ThreadPoolExecutor(1))
+
+
+def sleepy(model: object, batch: list[str]) -> list[str]:
+    """Fixed cost per call plus a little per item: bigger batches win, until 'OOM' past 64."""
+    if len(batch) > 64:
+        raise OutOfMemory("too big")
+    time.sleep(0.01 + 0.0001 * len(batch))
+    return batch
+
+
+async def test_picks_the_fastest_batch_and_stops_at_out_of_memory() -> None:
+    report = await tune_batch_size(replica(0, None), sleepy, ["x"], budget_s=30,
+                                   candidates=(8, 16, 32, 64, 128))
+    assert report.batch_size == 64
+    assert list(report.items_per_second) == [8, 16, 32, 64]
+    assert "out of memory" in report.stopped_because
+    assert report.as_dict()["items_per_second_by_batch"]["64"] > 0
+
+
+async def test_stops_growing_once_past_the_knee() -> None:
+    def knee(model: object, batch: list[str]) -> list[str]:
+        time.sleep(0.002 * len(batch) if len(batch) > 16 else 0.02)  # flat, then per item
+        return batch
+
+    report = await tune_batch_size(replica(0, None), knee, ["x"], budget_s=30,
+                                   candidates=(4, 8, 16, 64, 128))
+    assert report.batch_size == 16
+    assert 128 not in report.items_per_second  # stopped after 64 was slower
+
+
+async def test_replicas_that_release_the_gil_earn_their_place() -> None:
+    group = [replica(i, None) for i in range(2)]
+    report = TuneReport()
+    keep = await tune_replicas(group, sleepy, ["x"], 8, report)  # sleep releases the GIL
+    assert keep == 2 and report.replicas == 2
+
+
+async def test_replicas_that_hold_the_gil_do_not() -> None:
+    def python_bound(model: object, batch: list[str]) -> list[str]:
+        total = 0
+        for i in range(300_000):  # pure Python: threads serialize on the GIL
+            total += i
+        return batch
+
+    group = [replica(i, None) for i in range(2)]
+    keep = await tune_replicas(group, python_bound, ["x"], 8, TuneReport())
+    assert keep == 1
+    await asyncio.sleep(0)
