@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -177,7 +178,7 @@ class Run:
             SUMMARIZER="identity", GPU_DEVICE_IDS="cpu", GPU_ENABLE_WARMUP="false",
             GPU_USE_FP16="false", KAFKA_COMMIT_INTERVAL_MS="300", SHUTDOWN_TIMEOUT_S="10",
             KAFKA_CONNECT_TIMEOUT_S="120", LOG_LEVEL="INFO", LOG_INTERVAL_S="5",
-            KAFKA_TRANSACTIONAL_ID_PREFIX=name)
+            KAFKA_TRANSACTIONAL_ID_PREFIX=name, METRICS_PORT="0")
         self.sent = self.bad_sent = self.kills = self.restarts = self.exits = 0
         self.bound = 0  # at-least-once: the duplicates the kills may cause, at most
         self.in_flight_at_events: list[int] = []
@@ -290,6 +291,7 @@ class Run:
         rng.shuffle(events)
         at = [int(args.n * (0.05 + 0.85 * (j + rng.uniform(0.2, 0.8)) / len(events)))
               for j in range(len(events))]
+        say(f"{self.mode}: events {list(zip(events, at, strict=True))}")
         window = max(50, min(2000, args.n // 10)) if chaos else args.n
         await self.setup()
         total = args.n + args.bad * (args.bad > 0 and chaos)
@@ -350,6 +352,7 @@ class Run:
 
 
 async def main_async(args: argparse.Namespace) -> int:
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # reconnect noise; we report
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     say(f"seed {seed}")
     modes = ["at_least_once", "exactly_once"] if args.guarantee == "both" else [args.guarantee]

@@ -16,7 +16,6 @@ chunk it failed succeeds elsewhere, or when every item of a chunk fails on it al
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +24,13 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from .autotune import TuneReport, tune_batch_size, tune_replicas
+from .autotune import TuneReport
 from .batcher import MicroBatcher
 from .errors import InferenceFailed, ItemTooLarge, NoHealthyReplica, StreamprocError, WorkerClosed
+from .layout import build_layout
 from .metrics import WorkerStats
-from .planner import DevicePlan, plan_device, probe_memory, resolve_devices
-from .replicas import Replica, is_out_of_memory, measure_warmup
+from .planner import DevicePlan
+from .replicas import Replica, is_out_of_memory
 from .settings import GPUConfig
 
 __all__ = ["GPUWorker"]
@@ -39,7 +39,6 @@ P = TypeVar("P")
 R = TypeVar("R")
 M = TypeVar("M")
 log = logging.getLogger("streamproc.worker")
-AUTOTUNE_BUDGET_S = 120.0
 
 
 @dataclass(slots=True)
@@ -95,8 +94,9 @@ class GPUWorker(Generic[M, P, R]):
             if self._state == "stopped":
                 raise WorkerClosed("a stopped GPUWorker cannot be restarted")
             try:
-                for device in resolve_devices(self.config.device_ids):
-                    await self._load_device(device)
+                layout = await build_layout(self._loader, self.config, self._direct,
+                                            self.replicas)
+                self.config, self.plan, self.autotune = layout
             except BaseException:
                 self._close_replicas()
                 raise
@@ -140,42 +140,6 @@ class GPUWorker(Generic[M, P, R]):
         """One batch start to finish on the calling thread (warm-up, calibration, retries)."""
         return self._task(model, payloads if self._prepare is None
                           else self._prepare(model, payloads))
-
-    async def _load_device(self, device: str) -> None:
-        loop = asyncio.get_running_loop()
-        cfg = self.config
-        before = probe_memory(device)
-        first = await Replica.load(self._loader, device, len(self.replicas), loop)
-        self.replicas.append(first)
-        after_load = probe_memory(device)
-        activation_gb = await measure_warmup(first, self._direct, cfg, loop)
-        if (cfg.autotune and cfg.enable_warmup and cfg.warmup_payloads and self.autotune is None
-                and device.startswith("cuda")):  # the CPU keeps GPU_BATCH_SIZE
-            self.autotune = await tune_batch_size(first, self._direct, cfg.warmup_payloads,
-                                                  AUTOTUNE_BUDGET_S, cfg.autotune_candidates)
-            assert self.autotune.batch_size is not None
-            self.config = cfg = dataclasses.replace(cfg, batch_size=self.autotune.batch_size)
-            activation_gb = self.autotune.peak_activation_gb[cfg.batch_size]
-        model_gb = None
-        if before.free_gb is not None and after_load.free_gb is not None:
-            model_gb = max(before.free_gb - after_load.free_gb, 0.01)
-        plan = plan_device(before, cfg, model_gb=model_gb, activation_gb=activation_gb)
-        if plan.warning:
-            log.warning(plan.warning)
-        device_replicas = [first]
-        for _ in range(plan.replicas - 1):
-            replica = await Replica.load(self._loader, device, len(self.replicas), loop)
-            self.replicas.append(replica)
-            device_replicas.append(replica)
-            await measure_warmup(replica, self._direct, cfg, loop)
-        if self.autotune is not None and len(device_replicas) > 1:
-            keep = await tune_replicas(device_replicas, self._direct, cfg.warmup_payloads,
-                                       cfg.batch_size, self.autotune)
-            for extra in device_replicas[keep:]:
-                extra.retire()
-                self.replicas.remove(extra)
-            plan = dataclasses.replace(plan, replicas=keep, limited_by="autotune")
-        self.plan.append(plan)
 
     # --- requests ----------------------------------------------------------------------------
     def _request_cost(self, request: _Request[P, R]) -> int:

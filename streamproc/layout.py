@@ -1,0 +1,82 @@
+"""Building the replica layout: probe, load, warm up, calibrate, plan.
+
+For each device: load the first replica and measure its footprint (free memory before and
+after); run its warm-up batch and measure the peak activations; on the first CUDA device,
+calibrate the batch size (:mod:`streamproc.autotune`); plan the device with the measured
+numbers (:func:`streamproc.planner.plan_device`); load the remaining replicas; and keep them
+only if they earn their place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from .autotune import TuneReport, tune_batch_size, tune_replicas
+from .planner import DevicePlan, plan_device, probe_memory, resolve_devices
+from .replicas import Replica, measure_warmup
+from .settings import GPUConfig
+
+__all__ = ["AUTOTUNE_BUDGET_S", "build_layout"]
+
+M = TypeVar("M")
+log = logging.getLogger("streamproc.layout")
+AUTOTUNE_BUDGET_S = 120.0
+
+
+async def build_layout(
+    loader: Callable[[str], M], config: GPUConfig,
+    direct: Callable[[M, list[Any]], Sequence[Any]], replicas: list[Replica[M]],
+) -> tuple[GPUConfig, list[DevicePlan], TuneReport | None]:
+    """Load every device's replicas into ``replicas`` (so the caller can free them if this
+    fails half-way). Returns the config (with a calibrated batch size), the plans and the
+    calibration report."""
+    plans: list[DevicePlan] = []
+    report: TuneReport | None = None
+    for device in resolve_devices(config.device_ids):
+        config, plan, report = await _load_device(loader, config, direct, replicas, device,
+                                                  report)
+        plans.append(plan)
+    return config, plans, report
+
+
+async def _load_device(
+    loader: Callable[[str], M], cfg: GPUConfig, direct: Callable[[M, list[Any]], Sequence[Any]],
+    replicas: list[Replica[M]], device: str, report: TuneReport | None,
+) -> tuple[GPUConfig, DevicePlan, TuneReport | None]:
+    loop = asyncio.get_running_loop()
+    before = probe_memory(device)
+    first = await Replica.load(loader, device, len(replicas), loop)
+    replicas.append(first)
+    after_load = probe_memory(device)
+    activation_gb = await measure_warmup(first, direct, cfg, loop)
+    if (cfg.autotune and cfg.enable_warmup and cfg.warmup_payloads and report is None
+            and device.startswith("cuda")):  # the CPU keeps GPU_BATCH_SIZE
+        report = await tune_batch_size(first, direct, cfg.warmup_payloads, AUTOTUNE_BUDGET_S,
+                                       cfg.autotune_candidates)
+        assert report.batch_size is not None
+        cfg = dataclasses.replace(cfg, batch_size=report.batch_size)
+        activation_gb = report.peak_activation_gb[cfg.batch_size]
+    model_gb = None
+    if before.free_gb is not None and after_load.free_gb is not None:
+        model_gb = max(before.free_gb - after_load.free_gb, 0.01)
+    plan = plan_device(before, cfg, model_gb=model_gb, activation_gb=activation_gb)
+    if plan.warning:
+        log.warning(plan.warning)
+    on_device = [first]
+    for _ in range(plan.replicas - 1):
+        replica = await Replica.load(loader, device, len(replicas), loop)
+        replicas.append(replica)
+        on_device.append(replica)
+        await measure_warmup(replica, direct, cfg, loop)
+    if report is not None and len(on_device) > 1:
+        keep = await tune_replicas(on_device, direct, cfg.warmup_payloads, cfg.batch_size,
+                                   report)
+        for extra in on_device[keep:]:
+            extra.retire()
+            replicas.remove(extra)
+        plan = dataclasses.replace(plan, replicas=keep, limited_by="autotune")
+    return cfg, plan, report
