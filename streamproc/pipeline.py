@@ -42,6 +42,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
 from .errors import InvalidRecord, StreamprocError
 from .kafka_clients import consumer_for, dead_letter_headers, ensure_topics, start_with_retry
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 __all__ = ["StreamProcessor"]
 
 log = logging.getLogger("streamproc.pipeline")
+# aiokafka's default max_request_size is 1 MiB; keep room for the key and the headers.
+DLQ_MAX_VALUE_BYTES = 1024 * 1024 - 64 * 1024
 
 
 @dataclass(slots=True)
@@ -237,15 +240,23 @@ class StreamProcessor:
                 partition.blocked = True
                 self._fail(error)
                 continue
-            await self.sink.emit(entry.tp, partition, self._outbound(entry, summary, error))
+            try:
+                await self.sink.emit(entry.tp, partition, self._outbound(entry, summary, error))
+            except KafkaError as exc:  # refused before any retry could help (closed, too big)
+                partition.blocked = True
+                self._fail(exc)
 
     def _outbound(self, entry: _Entry, summary: str | None,
                   error: StreamprocError | None) -> Outbound:
         record = entry.record
         if error is not None:
             headers = dead_letter_headers(error, record.topic, record.partition, record.offset)
-            return Outbound(record.offset, self.settings.kafka_dlq_topic, record.value or b"",
-                            record.key, headers, error.reason_code, record.timestamp)
+            value = record.value or b""
+            if len(value) > DLQ_MAX_VALUE_BYTES:  # would not fit in one produce request
+                headers.append(("streamproc.value.truncated_from", str(len(value)).encode()))
+                value = value[:DLQ_MAX_VALUE_BYTES]
+            return Outbound(record.offset, self.settings.kafka_dlq_topic, value, record.key,
+                            headers, error.reason_code, record.timestamp)
         assert entry.item is not None and summary is not None
         timings = {"processing": (time.monotonic() - entry.fetched_at) * 1000}
         if record.timestamp and record.timestamp > 0:
