@@ -53,10 +53,15 @@ def broker(action: str, *extra: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
     env.update(KAFKA_PORT=str(PORT), KAFKA_CONTROLLER_PORT=str(CONTROLLER_PORT),
                KAFKA_DATA_DIR=DATA_DIR)
-    done = subprocess.run(["bash", str(KAFKA_SH), action, *extra], env=env, text=True,
-                          capture_output=True, timeout=240, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"kafka.sh {action} failed:\n{done.stderr[-2000:]}")
+    for attempt in range(3):  # 39092 is in Linux's ephemeral port range: a client that is
+        # reconnecting may hold it for a moment (a TCP self-connect), and the bind fails
+        done = subprocess.run(["bash", str(KAFKA_SH), action, *extra], env=env, text=True,
+                              capture_output=True, timeout=240, check=False)
+        if done.returncode == 0:
+            return
+        say(f"kafka.sh {action} failed (attempt {attempt + 1}): {done.stderr[-300:]}")
+        time.sleep(3)
+    raise RuntimeError(f"kafka.sh {action} failed:\n{done.stderr[-2000:]}")
 
 
 class Processor:
@@ -106,12 +111,15 @@ class Tracker:
 
     async def run(self) -> None:
         await self.consumer.start()
-        self.consumer.assign(self.tps)
-        await self.consumer.seek_to_beginning(*self.tps)
-        while True:
-            for records in (await self.consumer.getmany(timeout_ms=100)).values():
-                for record in records:
-                    self._see(record)
+        try:
+            self.consumer.assign(self.tps)
+            await self.consumer.seek_to_beginning(*self.tps)
+            while True:
+                for records in (await self.consumer.getmany(timeout_ms=100)).values():
+                    for record in records:
+                        self._see(record)
+        finally:
+            await asyncio.shield(self.consumer.stop())
 
     def _see(self, record: Any) -> None:
         if record.topic == self.output:
@@ -322,7 +330,6 @@ class Run:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await tracker.consumer.stop()
             await self.producer.stop()
         records = await asyncio.wait_for(read_committed(self.bootstrap, self.out + self.dlq), 300)
         return self.verify(records, elapsed, tracker)

@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from aiokafka import TopicPartition
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -171,6 +171,9 @@ class Observability:
         assert self.processor is not None
         consumer = self.processor.consumer
         while True:
+            if not self.processor.started:  # the model is still loading: nothing to ask yet
+                await asyncio.sleep(self.lag_interval_s)
+                continue
             try:
                 tps = sorted(consumer.assignment())
                 if tps:
@@ -206,7 +209,7 @@ class Observability:
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", b"GET only\n", text
         if path == "/metrics":
-            return "200 OK", generate_latest(self.registry), "text/plain; version=0.0.4"
+            return "200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST
         if path in ("/healthz", "/readyz"):
             ok, why = self.liveness() if path == "/healthz" else self.readiness()
             return ("200 OK" if ok else "503 Service Unavailable"), f"{why}\n".encode(), text

@@ -146,6 +146,10 @@ class StreamProcessor:
         self._stop.set()
 
     @property
+    def started(self) -> bool:
+        return self._state == "started"
+
+    @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 

@@ -128,3 +128,206 @@ def test_dockerfile_copy_sources_exist() -> None:
                 continue
             assert (ROOT / src).exists(), f"COPY source {src} missing from the repo"
             assert src.rstrip("/") not in dockerignore, f"COPY source {src} is .dockerignored"
+
+
+# --- Kubernetes manifests (deploy/kubernetes/) ------------------------------------------------
+
+K8S_DIR = ROOT / "deploy" / "kubernetes"
+
+
+def _k8s_docs() -> list[dict[str, Any]]:
+    """Every document of every manifest, parsed with safe_load_all (empty documents dropped)."""
+    paths = sorted([*K8S_DIR.glob("*.yaml"), *K8S_DIR.glob("*.yml")])
+    assert paths, f"no manifests under {K8S_DIR}"
+    docs: list[dict[str, Any]] = []
+    for path in paths:
+        for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
+            if doc is None:
+                continue
+            assert isinstance(doc, dict), f"{path.name}: a document is not a mapping"
+            for key in ("apiVersion", "kind", "metadata"):
+                assert key in doc, f"{path.name}: a document has no {key}"
+            assert doc["metadata"].get("name"), f"{path.name}: a {doc['kind']} has no name"
+            docs.append(doc)
+    return docs
+
+
+def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    named: list[dict[str, Any]] = [c for c in containers if c["name"] == "streamproc"]
+    assert len(named) == 1, [c["name"] for c in containers]
+    return named[0]
+
+
+def _k8s_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The container's literal environment: the ConfigMaps of envFrom (declared in these
+    manifests), then ``env`` values on top, as Kubernetes resolves them. Secret refs are left
+    out (see _secret_env)."""
+    container = _container(_one(docs, "Deployment"))
+    config_maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            name = source["configMapRef"]["name"]
+            assert name in config_maps, f"envFrom ConfigMap {name} is not in deploy/kubernetes"
+            prefix = source.get("prefix", "")
+            env.update({prefix + k: str(v) for k, v in config_maps[name].get("data", {}).items()})
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = str(var["value"])
+    return env
+
+
+def _secret_env(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    container = _container(_one(docs, "Deployment"))
+    return {v["name"]: v["valueFrom"]["secretKeyRef"] for v in container.get("env", [])
+            if "secretKeyRef" in v.get("valueFrom", {})}
+
+
+def _setting(env: dict[str, str], name: str) -> Any:
+    """A setting as the pod would see it: the manifest's value, else the Settings default."""
+    from streamproc.settings import Settings
+
+    if name.upper() in env:
+        overrides: dict[str, Any] = {k.lower(): v for k, v in env.items()}
+        settings = Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+        return getattr(settings, name.lower())
+    return Settings.model_fields[name.lower()].default
+
+
+def test_k8s_manifests_parse_and_declare_the_pieces() -> None:
+    kinds = [d["kind"] for d in _k8s_docs()]
+    for kind in ("ConfigMap", "Deployment", "ScaledObject"):
+        assert kind in kinds, kinds
+
+
+def test_k8s_configured_variables_are_real_settings_that_parse() -> None:
+    from streamproc.settings import Settings
+
+    docs = _k8s_docs()
+    env = _k8s_env(docs)
+    unknown = sorted(k for k in [*env, *_secret_env(docs)]
+                     if k.lower() not in Settings.model_fields)
+    assert not unknown, f"not streamproc settings: {unknown}"
+    overrides: dict[str, Any] = {k.lower(): v for k, v in env.items()}
+    Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+
+
+def test_k8s_deployment_runs_the_image_with_run() -> None:
+    deployment = _one(_k8s_docs(), "Deployment")
+    assert deployment["apiVersion"] == "apps/v1"
+    spec = deployment["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    container = _container(deployment)
+    assert "streamproc" in container["image"]
+    # No `command`: the image's ENTRYPOINT ["streamproc"] stays, so this is `streamproc run`.
+    assert "command" not in container
+    entrypoint = _exec_form(dict(_dockerfile_instructions())["ENTRYPOINT"])
+    assert [*entrypoint, *container["args"]] == ["streamproc", "run"]
+
+
+def test_k8s_deployment_gpu_and_resources() -> None:
+    resources = _container(_one(_k8s_docs(), "Deployment"))["resources"]
+    assert str(resources["limits"]["nvidia.com/gpu"]) == "1"
+    for section in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            assert resources[section].get(resource), f"no {section}.{resource}"
+
+
+def test_k8s_probes_on_the_metrics_port() -> None:
+    docs = _k8s_docs()
+    deployment = _one(docs, "Deployment")
+    container = _container(deployment)
+    port = int(_setting(_k8s_env(docs), "metrics_port"))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports.get("metrics") == port == 9108, ports
+    exposed = [args for instr, args in _dockerfile_instructions() if instr == "EXPOSE"]
+    assert str(port) in exposed
+
+    def http_get(probe: str) -> dict[str, Any]:
+        assert probe in container, f"no {probe}"
+        action = container[probe]["httpGet"]
+        assert action["port"] in ("metrics", port), action
+        return dict(action)
+
+    assert http_get("livenessProbe")["path"] == "/healthz"
+    assert http_get("readinessProbe")["path"] == "/readyz"
+    if "startupProbe" in container:
+        assert http_get("startupProbe")["path"] in ("/healthz", "/readyz")
+    # Model download + load + warm-up: readiness must not give up at once, and liveness must
+    # not kill a pod that is still starting (the server answers /healthz during the load).
+    ready = container["readinessProbe"]
+    patience = (ready.get("initialDelaySeconds", 0)
+                + ready.get("periodSeconds", 10) * ready.get("failureThreshold", 3))
+    assert patience >= 30 or "startupProbe" in container, ready
+
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == str(port)
+    assert annotations.get("prometheus.io/path", "/metrics") == "/metrics"
+
+
+def test_k8s_grace_period_exceeds_shutdown_timeout() -> None:
+    docs = _k8s_docs()
+    container = _container(_one(docs, "Deployment"))
+    assert any(v["name"] == "SHUTDOWN_TIMEOUT_S" for v in container.get("env", []))
+    shutdown_timeout_s = float(_setting(_k8s_env(docs), "shutdown_timeout_s"))
+    grace = _one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > shutdown_timeout_s, (grace, shutdown_timeout_s)
+
+
+def test_k8s_sasl_password_from_an_optional_secret() -> None:
+    docs = _k8s_docs()
+    secrets = _secret_env(docs)
+    ref = secrets.get("KAFKA_SASL_PASSWORD")
+    assert ref is not None and ref.get("name") and ref.get("key"), secrets
+    assert ref.get("optional") is True
+    assert "KAFKA_SASL_PASSWORD" not in _k8s_env(docs), "a password in plain text"
+
+
+def test_k8s_runs_as_non_root() -> None:
+    deployment = _one(_k8s_docs(), "Deployment")
+    pod = deployment["spec"]["template"]["spec"].get("securityContext", {})
+    container = _container(deployment).get("securityContext", {})
+    merged = {**pod, **container}
+    assert merged.get("runAsNonRoot") is True, merged
+    assert merged.get("runAsUser", 10001) == 10001  # the image's user (Dockerfile useradd)
+    assert container.get("allowPrivilegeEscalation") is False
+    assert "10001" in DOCKERFILE.read_text(encoding="utf-8")
+
+
+def test_keda_scaledobject_scales_the_deployment_on_lag() -> None:
+    docs = _k8s_docs()
+    env = _k8s_env(docs)
+    deployment = _one(docs, "Deployment")
+    scaled = _one(docs, "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    target = scaled["spec"]["scaleTargetRef"]
+    assert target["name"] == deployment["metadata"]["name"]
+    assert target.get("kind", "Deployment") == "Deployment"
+    triggers = [t for t in scaled["spec"]["triggers"] if t["type"] == "kafka"]
+    assert len(triggers) == 1, scaled["spec"]["triggers"]
+    meta = triggers[0]["metadata"]
+    assert int(meta["lagThreshold"]) > 0
+    assert meta["bootstrapServers"] == _setting(env, "kafka_bootstrap_servers")
+    assert meta["consumerGroup"] == _setting(env, "kafka_group_id")
+    assert meta["topic"] == _setting(env, "kafka_input_topic")
+    assert str(meta["allowIdleConsumers"]).lower() == "false"
+
+
+def test_keda_max_replicas_is_the_partition_count() -> None:
+    """Partitions bound the group's parallelism: more pods than partitions idle on a GPU."""
+    docs = _k8s_docs()
+    env = _k8s_env(docs)
+    assert "KAFKA_TOPIC_PARTITIONS" in env, "declare the input topic's partition count"
+    partitions = int(env["KAFKA_TOPIC_PARTITIONS"])
+    spec = _one(docs, "ScaledObject")["spec"]
+    assert spec["minReplicaCount"] == 1
+    assert spec["maxReplicaCount"] == partitions
