@@ -73,6 +73,9 @@ async def run_service(settings: Settings) -> int:
                     await processor.run()  # its errors propagate as they are
                 finally:
                     reporter.cancel()
+            # What the drain left behind within SHUTDOWN_TIMEOUT_S is not committed and will
+            # be read again: fail it now rather than run it past the grace period.
+            await worker.stop(drain_s=0)
             log.info("stopped cleanly: %s", processor.stats.as_dict())
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
