@@ -53,15 +53,19 @@ def broker(action: str, *extra: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
     env.update(KAFKA_PORT=str(PORT), KAFKA_CONTROLLER_PORT=str(CONTROLLER_PORT),
                KAFKA_DATA_DIR=DATA_DIR)
-    for attempt in range(3):  # 39092 is in Linux's ephemeral port range: a client that is
-        # reconnecting may hold it for a moment (a TCP self-connect), and the bind fails
+    deadline = time.monotonic() + 180
+    while True:
         done = subprocess.run(["bash", str(KAFKA_SH), action, *extra], env=env, text=True,
                               capture_output=True, timeout=240, check=False)
         if done.returncode == 0:
             return
-        say(f"kafka.sh {action} failed (attempt {attempt + 1}): {done.stderr[-300:]}")
-        time.sleep(3)
-    raise RuntimeError(f"kafka.sh {action} failed:\n{done.stderr[-2000:]}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"kafka.sh {action} failed:\n{done.stderr[-2000:]}")
+        # 39092 lies in Linux's ephemeral port range (32768-60999): a client reconnecting to
+        # it may get 39092 as its own port (a TCP self-connect), and the socket's TIME_WAIT
+        # then blocks the broker's bind for a minute. Retry until the port is free again.
+        say(f"kafka.sh {action} failed (port {PORT} taken for a while?); retrying in 5 s")
+        time.sleep(5)
 
 
 class Processor:

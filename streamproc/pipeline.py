@@ -34,6 +34,7 @@ partition and commit interval: the outputs, the dead letters and the consumed of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -107,6 +108,8 @@ class StreamProcessor:
         self._pending: asyncio.Queue[_Entry | None] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._closing = asyncio.Event()
+        self._outstanding: set[asyncio.Future[str]] = set()  # results not in yet
+        self._abandoned = False
         self.joined = asyncio.Event()  # set once the group has handed out an assignment
         self._fatal: BaseException | None = None
         self._state = "new"
@@ -167,10 +170,13 @@ class StreamProcessor:
             emitter = group.create_task(self._emit_loop(), name="emit")
             group.create_task(self._commit_loop(), name="commit")
             await self._fetch_loop()
-            await self._drain(self.settings.shutdown_timeout_s)
+            if not await self._drain(self.settings.shutdown_timeout_s):
+                self._abandon()
             self._pending.put_nowait(None)
             await emitter
             self._closing.set()
+            self.sink.commit_due.set()  # wake the commit loop so it sees the closing
+        await self.sink.flush(self.settings.shutdown_timeout_s)
         await self.commit()
         if self._fatal is not None:
             raise self._fatal
@@ -202,7 +208,7 @@ class StreamProcessor:
                 log.info("backpressure: pausing fetch (%d records open)", self.in_flight())
             self.stats.paused = True
         elif self.stats.paused and self.in_flight() <= limit // 2:
-            self.consumer.resume(*self.consumer.assignment())
+            self.consumer.resume(*self._partitions)
             self.stats.paused = False
             log.info("backpressure: resuming fetch")
 
@@ -218,24 +224,40 @@ class StreamProcessor:
         except InvalidRecord as exc:
             entry.error = exc
         else:
-            entry.outcome = await self.worker.submit(entry.item.text)
+            entry.outcome = outcome = await self.worker.submit(entry.item.text)
+            self._outstanding.add(outcome)
+            outcome.add_done_callback(self._outstanding.discard)
         self._pending.put_nowait(entry)
+
+    def _abandon(self) -> None:
+        """Past the drain deadline: give up on the results not in yet. The worker skips their
+        items; their partitions write nothing more, so nothing past them is committed."""
+        self._abandoned = True
+        for outcome in list(self._outstanding):
+            outcome.cancel()
 
     # --- emit -------------------------------------------------------------------------------
     async def _emit_loop(self) -> None:
         while (entry := await self._pending.get()) is not None:
             error = entry.error
             summary: str | None = None
+            abandoned = False
             if entry.outcome is not None:
                 try:
                     summary = await entry.outcome
                 except StreamprocError as exc:
                     error = exc
+                except asyncio.CancelledError:
+                    if not (self._abandoned and entry.outcome.cancelled()):
+                        raise
+                    abandoned = True
             partition = self._partitions.get(entry.tp)
             if partition is None or partition.generation != entry.generation:
                 self.stats.dropped_after_revoke += 1
                 continue
             partition.unemitted -= 1
+            if abandoned:
+                partition.blocked = True
             if partition.blocked:
                 continue
             if error is not None and not error.dead_letter:
@@ -281,9 +303,9 @@ class StreamProcessor:
     async def _commit_loop(self) -> None:
         interval = self.settings.kafka_commit_interval_ms / 1000
         while not self._closing.is_set():
-            try:
-                await asyncio.wait_for(self._closing.wait(), interval)
-            except TimeoutError:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.sink.commit_due.wait(), interval)
+            if not self._closing.is_set():
                 await self.commit()
 
     async def _drain(self, within_s: float, only: set[TopicPartition] | None = None) -> bool:
@@ -312,10 +334,16 @@ class StreamProcessor:
         log.info("partitions revoked: %s", _names(mine))
 
     async def _assign(self, assigned: set[TopicPartition]) -> None:
+        """aiokafka may hand out records of a new assignment while this listener still runs,
+        so new partitions stay paused until the sink has set them up (and, exactly-once,
+        fenced the previous owner and sought to the committed offset)."""
         new = {tp: PartitionState(next(self._generations)) for tp in assigned
                if tp not in self._partitions}
-        self._partitions.update(new)
+        self.consumer.pause(*new)
         await self.sink.assigned(new)
+        self._partitions.update(new)
+        if not self.stats.paused:
+            self.consumer.resume(*new)
         self.joined.set()
         log.info("partitions assigned: %s", _names(assigned))
 

@@ -31,6 +31,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, ProducerFenced
@@ -68,6 +69,7 @@ class Sink:
         self.stats = stats
         self.on_fatal = on_fatal
         self.lock = asyncio.Lock()
+        self.commit_due = asyncio.Event()  # set when waiting for the next interval would stall
 
     def count(self, record: Outbound) -> None:
         """The record is safely written (acknowledged, or its transaction committed)."""
@@ -89,6 +91,9 @@ class Sink:
         """True when :meth:`commit` would cover everything this partition accepted."""
         raise NotImplementedError
 
+    async def flush(self, within_s: float) -> None:
+        """Wait (at most ``within_s``) until what was emitted is safely written or failed."""
+
     async def commit(self, partitions: dict[TopicPartition, PartitionState]) -> None:
         raise NotImplementedError
 
@@ -100,6 +105,7 @@ class AtLeastOnceSink(Sink):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.producer = producer_for(self.settings)
         self._retries: set[asyncio.Task[None]] = set()
+        self._deliveries: set[asyncio.Future[object]] = set()
 
     async def start(self) -> None:
         await start_with_retry("producer", self.producer.start, self.settings)
@@ -121,7 +127,14 @@ class AtLeastOnceSink(Sink):
             partition.tracker.complete(record.offset)
             self.count(record)
 
-        delivery.add_done_callback(acknowledged)
+        delivery.add_done_callback(acknowledged)  # runs before any waiter added later
+        self._deliveries.add(delivery)
+        delivery.add_done_callback(self._deliveries.discard)
+
+    async def flush(self, within_s: float) -> None:
+        pending: list[asyncio.Future[Any]] = [*self._deliveries, *self._retries]
+        if pending:
+            await asyncio.wait(pending, timeout=within_s)
 
     async def _resend(self, partition: PartitionState, record: Outbound,
                       failed: asyncio.Future[object]) -> None:
@@ -206,11 +219,16 @@ class ExactlyOnceSink(Sink):
 
     async def emit(self, tp: TopicPartition, partition: PartitionState, record: Outbound) -> None:
         self.buffers[tp].append(record)
+        # Buffered records stay open until their transaction commits, and open records count
+        # against backpressure: commit early rather than stall the fetch until the next tick.
+        if sum(map(len, self.buffers.values())) >= max(1, self.settings.gpu_queue_size // 2):
+            self.commit_due.set()
 
     def settled(self, partition: PartitionState) -> bool:
         return partition.unemitted == 0  # everything is in the buffer the next commit writes
 
     async def commit(self, partitions: dict[TopicPartition, PartitionState]) -> None:
+        self.commit_due.clear()
         await asyncio.gather(*(self._commit_partition(tp, p) for tp, p in partitions.items()
                                if self.buffers.get(tp)))
 

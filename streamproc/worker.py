@@ -185,7 +185,9 @@ class GPUWorker(Generic[M, P, R]):
         loop = asyncio.get_running_loop()
         running: asyncio.Future[Any] | None = None
         while batch := await self._batcher.next_batch():
-            live = [r for r in batch if not r.future.done()]
+            live = [r for r in batch if not r.future.done()]  # callers may have given up
+            if not live:
+                continue
             self._observe_batch(live)
             healthy = [r for r in self.replicas if r.healthy]
             if not healthy:

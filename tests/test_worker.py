@@ -181,3 +181,15 @@ async def test_prepare_step_runs_off_the_replica_thread_and_results_line_up() ->
     # A failing prepare step is isolated like a failing model call: only "bad" fails.
     assert isinstance(results[20], InferenceFailed) and "tokenize" in results[20].reason
     assert "prepare_0" in prepared_on
+
+
+async def test_items_whose_callers_gave_up_are_skipped() -> None:
+    loader = Loader()
+    worker = GPUWorker(loader, cpu_config(batch_size=4, max_delay_ms=100, pool_max_instances=1),
+                       echo_task)
+    async with worker:
+        futures = [await worker.submit(f"c{i}") for i in range(4)]
+        for future in futures:
+            future.cancel()  # a whole batch nobody waits for any more
+        assert await worker.infer("after") == "AFTER@0"
+    assert all("c0" not in call for call in loader.models[0].calls)
