@@ -4,7 +4,7 @@
         [--guarantee at_least_once|exactly_once|both] [--broker-restarts 1]
         [--rebalance/--no-rebalance] [--bootstrap HOST:PORT] [--seed S] [--timeout-s T]
 
-It starts its own broker (scripts/kafka.sh on 127.0.0.1:39092, data in .kafka/chaos-data)
+It starts its own broker (scripts/kafka.sh on 127.0.0.1:31092, data in .kafka/chaos-data)
 unless ``--bootstrap`` is given, and runs ``python -m streamproc run`` (identity summarizer)
 as subprocesses. A feeder keeps at most a window of items ahead of the answers, so every
 event fires while items are in flight; events fire at seeded random points of progress.
@@ -39,7 +39,10 @@ from .progress import Progress
 from .settings import Settings
 
 KAFKA_SH = Path(__file__).resolve().parent.parent / "scripts" / "kafka.sh"
-PORT, CONTROLLER_PORT, DATA_DIR = 39092, 39093, ".kafka/chaos-data"
+# Not 39092: ports from 32768 up are Linux's ephemeral range, and a client that reconnects to
+# a stopped broker there soon gets the broker's port as its own (a TCP self-connect); the
+# socket's TIME_WAIT then keeps the broker from binding again, so it could not be restarted.
+PORT, CONTROLLER_PORT, DATA_DIR = 31092, 31093, ".kafka/chaos-data"
 BAD = [b"<rss><item>not json</item></rss>", b'{"id": "bad-utf8", "text": "caf\xe9"}',
        b'["id", "text"]', b'{"id": "bad-no-text"}', b'{"id": 42, "text": "not an id"}']
 
@@ -49,23 +52,18 @@ def say(message: str) -> None:
 
 
 def broker(action: str, *extra: str) -> None:
-    """Run scripts/kafka.sh for the harness's own broker (39092/39093, .kafka/chaos-data)."""
+    """Run scripts/kafka.sh for the harness's own broker (PORT, DATA_DIR)."""
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
     env.update(KAFKA_PORT=str(PORT), KAFKA_CONTROLLER_PORT=str(CONTROLLER_PORT),
                KAFKA_DATA_DIR=DATA_DIR)
-    deadline = time.monotonic() + 180
-    while True:
+    for attempt in range(3):
         done = subprocess.run(["bash", str(KAFKA_SH), action, *extra], env=env, text=True,
                               capture_output=True, timeout=240, check=False)
         if done.returncode == 0:
             return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"kafka.sh {action} failed:\n{done.stderr[-2000:]}")
-        # 39092 lies in Linux's ephemeral port range (32768-60999): a client reconnecting to
-        # it may get 39092 as its own port (a TCP self-connect), and the socket's TIME_WAIT
-        # then blocks the broker's bind for a minute. Retry until the port is free again.
-        say(f"kafka.sh {action} failed (port {PORT} taken for a while?); retrying in 5 s")
+        say(f"kafka.sh {action} failed (attempt {attempt + 1}); retrying in 5 s")
         time.sleep(5)
+    raise RuntimeError(f"kafka.sh {action} failed:\n{done.stderr[-2000:]}")
 
 
 class Processor:

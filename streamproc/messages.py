@@ -81,13 +81,13 @@ def decode_feed_item(value: bytes | None, *, max_input_bytes: int) -> FeedItem:
             "too_large",
         )
     try:
-        value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidRecord(f"the value is not valid UTF-8 ({exc.reason} at byte {exc.start})",
-                            "invalid_utf8") from None
-    try:
-        data = orjson.loads(value)
+        data = orjson.loads(value)  # validates UTF-8 too; tell the two apart only on failure
     except orjson.JSONDecodeError as exc:
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise InvalidRecord(f"the value is not valid UTF-8 ({bad.reason} at byte "
+                                f"{bad.start})", "invalid_utf8") from None
         raise InvalidRecord(f"the value is not valid JSON: {exc}", "not_json") from None
     if not isinstance(data, dict):
         raise InvalidRecord(f"the JSON value is a {type(data).__name__}, not an object",

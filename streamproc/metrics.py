@@ -37,8 +37,8 @@ class WorkerStats:
     oom_splits: int = 0
     chunk_retries: int = 0
     queue_wait: Histogram = field(default_factory=lambda: _histogram(
-        "streamproc_queue_wait_seconds", "Time an item waited in the queue before its batch "
-        "was dispatched.", _SECOND_BUCKETS))
+        "streamproc_queue_wait_seconds", "How long the oldest item of each batch waited in the "
+        "queue before the batch was dispatched.", _SECOND_BUCKETS))
     batch_size_items: Histogram = field(default_factory=lambda: _histogram(
         "streamproc_batch_size_items", "Items per dispatched batch.", _ITEM_BUCKETS))
     batch_size_tokens: Histogram = field(default_factory=lambda: _histogram(

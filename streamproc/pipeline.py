@@ -34,6 +34,7 @@ partition and commit interval: the outputs, the dead letters and the consumed of
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -61,6 +62,7 @@ __all__ = ["StreamProcessor"]
 log = logging.getLogger("streamproc.pipeline")
 # aiokafka's default max_request_size is 1 MiB; keep room for the key and the headers.
 DLQ_MAX_VALUE_BYTES = 1024 * 1024 - 64 * 1024
+OPEN_RECORDS_PER_QUEUE_SLOT = 4
 
 
 @dataclass(slots=True)
@@ -105,10 +107,10 @@ class StreamProcessor:
             self.sink = AtLeastOnceSink(settings, self.consumer, self.stats, self._fail)
         self._partitions: dict[TopicPartition, PartitionState] = {}
         self._generations = itertools.count()
-        self._pending: asyncio.Queue[_Entry | None] = asyncio.Queue()
+        self._pending: collections.deque[_Entry | None] = collections.deque()  # fetch order
+        self._pending_ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._closing = asyncio.Event()
-        self._outstanding: set[asyncio.Future[str]] = set()  # results not in yet
         self._abandoned = False
         self.joined = asyncio.Event()  # set once the group has handed out an assignment
         self._fatal: BaseException | None = None
@@ -172,7 +174,8 @@ class StreamProcessor:
             await self._fetch_loop()
             if not await self._drain(self.settings.shutdown_timeout_s):
                 self._abandon()
-            self._pending.put_nowait(None)
+            self._pending.append(None)
+            self._pending_ready.set()
             await emitter
             self._closing.set()
             self.sink.commit_due.set()  # wake the commit loop so it sees the closing
@@ -199,15 +202,20 @@ class StreamProcessor:
                     await self._accept(tp, partition, record)
 
     def _backpressure(self) -> None:
-        """Pause fetching while the worker's queue is full or too much is open; resume at half."""
-        limit = self.settings.gpu_queue_size
+        """Pause fetching while the worker's queue is full, or while more than
+        ``OPEN_RECORDS_PER_QUEUE_SLOT x GPU_QUEUE_SIZE`` records are open (results and acks in
+        flight); resume once both are down to half. Pausing is not free: aiokafka drops what it
+        had prefetched for a paused partition and fetches it again on resume."""
+        queue = self.settings.gpu_queue_size
+        limit = OPEN_RECORDS_PER_QUEUE_SLOT * queue
         busy = self.worker.queue_full() or self.in_flight() >= limit
         if busy:
             self.consumer.pause(*self.consumer.assignment())
             if not self.stats.paused:
                 log.info("backpressure: pausing fetch (%d records open)", self.in_flight())
             self.stats.paused = True
-        elif self.stats.paused and self.in_flight() <= limit // 2:
+        elif (self.stats.paused and self.worker.queue_depth() <= queue // 2
+              and self.in_flight() <= limit // 2):
             self.consumer.resume(*self._partitions)
             self.stats.paused = False
             log.info("backpressure: resuming fetch")
@@ -224,21 +232,21 @@ class StreamProcessor:
         except InvalidRecord as exc:
             entry.error = exc
         else:
-            entry.outcome = outcome = await self.worker.submit(entry.item.text)
-            self._outstanding.add(outcome)
-            outcome.add_done_callback(self._outstanding.discard)
-        self._pending.put_nowait(entry)
+            entry.outcome = await self.worker.submit(entry.item.text)
+        self._pending.append(entry)
+        self._pending_ready.set()
 
     def _abandon(self) -> None:
         """Past the drain deadline: give up on the results not in yet. The worker skips their
         items; their partitions write nothing more, so nothing past them is committed."""
         self._abandoned = True
-        for outcome in list(self._outstanding):
-            outcome.cancel()
+        for entry in self._pending:
+            if entry is not None and entry.outcome is not None:
+                entry.outcome.cancel()
 
     # --- emit -------------------------------------------------------------------------------
     async def _emit_loop(self) -> None:
-        while (entry := await self._pending.get()) is not None:
+        while (entry := await self._next_pending()) is not None:
             error = entry.error
             summary: str | None = None
             abandoned = False
@@ -271,6 +279,12 @@ class StreamProcessor:
             except KafkaError as exc:  # refused before any retry could help (closed, too big)
                 partition.blocked = True
                 self._fail(exc)
+
+    async def _next_pending(self) -> _Entry | None:
+        while not self._pending:
+            self._pending_ready.clear()
+            await self._pending_ready.wait()
+        return self._pending.popleft()
 
     def _outbound(self, entry: _Entry, summary: str | None,
                   error: StreamprocError | None) -> Outbound:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 
-__all__ = ["split_sentences"]
+__all__ = ["first_sentence", "iter_sentences", "split_sentences"]
 
 _ABBREVIATIONS = frozenset((
     "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "mt", "gen", "gov", "sen", "rep", "lt",
@@ -31,16 +32,24 @@ def split_sentences(text: str) -> list[str]:
     ("Dr.", "Inc.", "Jan.") or after initials ("U.S.", "J.") does not end one, so
     "... in the U.S. The ..." stays one sentence: a deliberate, documented trade-off.
     """
+    return list(iter_sentences(text))
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of ``text`` (``""`` if none), without splitting the rest."""
+    return next(iter_sentences(text), "")
+
+
+def iter_sentences(text: str) -> Iterator[str]:
+    """The sentences of :func:`split_sentences`, one at a time."""
     text = " ".join(text.split())
-    sentences: list[str] = []
     start = 0
     for match in _BOUNDARY.finditer(text):
         if match.group(1).rstrip("\"'\u201d\u2019)]") == "." and _is_abbreviation(
             text[start : match.start()]
         ):
             continue
-        sentences.append(text[start : match.end(1)])
+        yield text[start : match.end(1)]
         start = match.end()
     if start < len(text):
-        sentences.append(text[start:])
-    return sentences
+        yield text[start:]

@@ -119,6 +119,7 @@ class AtLeastOnceSink(Sink):
                                             headers=record.headers)
 
         def acknowledged(fut: asyncio.Future[object]) -> None:
+            self._deliveries.discard(fut)
             if fut.cancelled() or fut.exception() is not None:
                 task = asyncio.create_task(self._resend(partition, record, fut))
                 self._retries.add(task)
@@ -129,7 +130,6 @@ class AtLeastOnceSink(Sink):
 
         delivery.add_done_callback(acknowledged)  # runs before any waiter added later
         self._deliveries.add(delivery)
-        delivery.add_done_callback(self._deliveries.discard)
 
     async def flush(self, within_s: float) -> None:
         pending: list[asyncio.Future[Any]] = [*self._deliveries, *self._retries]

@@ -18,7 +18,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from .checkpoints import load_pretrained, torch_dtype
 from .errors import InferenceFailed
-from .sentences import split_sentences
+from .sentences import first_sentence, split_sentences
 from .seq2seq import MAX_CHARS_PER_TOKEN as _CHARS_PER_TOKEN
 from .seq2seq import Seq2SeqSummarizer, generation_overrides
 from .settings import Settings
@@ -192,7 +192,7 @@ class IdentitySummarizer(_Unprepared):
 
     def summarize(self, texts: Sequence[str]) -> list[str]:
         """The first sentence of each text, ``""`` for empty text."""
-        return [next(iter(split_sentences(text)), "") for text in texts]
+        return [first_sentence(text) for text in texts]
 
     def token_length(self, text: str) -> int:
         """Whitespace-separated words."""

@@ -224,8 +224,7 @@ class GPUWorker(Generic[M, P, R]):
         self.stats.batch_size_items.observe(len(batch))
         if self._cost is not None:
             self.stats.batch_size_tokens.observe(sum(self._cost(r.payload) for r in batch))
-        for request in batch:
-            self.stats.queue_wait.observe(now - request.enqueued_at)
+        self.stats.queue_wait.observe(now - min(r.enqueued_at for r in batch))
 
     async def _call(self, replica: Replica[M], chunk: list[_Request[P, R]],
                     prepared: Any = None) -> Sequence[R]:
