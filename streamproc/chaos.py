@@ -217,12 +217,14 @@ class Run:
                                for k, v in records])
 
     async def feed(self, tracker: Tracker, window: int) -> None:
-        """Produce the items in order, never more than ``window`` ahead of the answers."""
+        """Produce the items in order, up to ``window`` ahead of the answers and never past
+        ``self.cap``, so that the answers cannot run past an event's moment."""
         while self.sent < len(self.ids):
-            if self.sent - len(tracker.ids) >= window:
+            size = min(100, window - (self.sent - len(tracker.ids)), self.cap - self.sent)
+            if size <= 0:
                 await asyncio.sleep(0.02)
                 continue
-            chunk = self.ids[self.sent:self.sent + min(100, window)]
+            chunk = self.ids[self.sent:self.sent + size]
             await self.send([(i.encode(), orjson.dumps({"id": i, "text": f"Item {i} is news. "
                                                         "More text follows here."}))
                              for i in chunk])
@@ -300,9 +302,11 @@ class Run:
         events = events if chaos else []
         rng.shuffle(events)
         at = [int(args.n * (0.05 + 0.85 * (j + rng.uniform(0.2, 0.8)) / len(events)))
-              for j in range(len(events))]
-        say(f"{self.mode}: events {list(zip(events, at, strict=True))}")
-        window = max(50, min(2000, args.n // 10)) if chaos else args.n
+              for j in range(len(events))] + [args.n]
+        say(f"{self.mode}: events {list(zip(events, at, strict=False))}")
+        # each event fires once ``at`` items are answered and with about ``window`` in flight
+        window = max(50, min(1000, args.n // max(len(events), 1) * 4 // 5)) if chaos else args.n
+        self.cap = at[0] + window
         await self.setup()
         total = args.n + args.bad * (args.bad > 0 and chaos)
         progress = Progress(total, f"{self.mode}{'' if chaos else ' (clean)'} answered")
@@ -313,13 +317,14 @@ class Run:
         primary: Processor | None = Processor(self.env, self.logs)
         try:
             last = -1
-            for kind, threshold in zip(events, at, strict=True):
-                def reached(t: int = threshold, s: int = last) -> bool:
+            for j, kind in enumerate(events):
+                def reached(t: int = at[j], s: int = last) -> bool:
                     return len(tracker.ids) >= t and len(tracker.ids) > s  # progress since
-                primary = await self.until(reached, f"{threshold} answers", primary)
+                primary = await self.until(reached, f"{at[j]} answers", primary)
                 assert primary is not None
+                self.cap = max(self.cap, at[j + 1])  # items keep flowing during the event
                 primary = await self.event(kind, primary, tracker)
-                last = len(tracker.ids)
+                self.cap, last = at[j + 1] + window, len(tracker.ids)
             primary = await self.until(lambda: len(tracker.ids) == args.n and len(tracker.bad)
                                        >= self.bad_sent, "every answer", primary)
         except TimeoutError as exc:

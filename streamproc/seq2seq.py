@@ -97,6 +97,9 @@ class Seq2SeqSummarizer:
         if config.no_repeat_ngram_size:
             self._processors.append(DeviceNoRepeatNGram(int(config.no_repeat_ngram_size)))
             config.no_repeat_ngram_size = 0
+        if config.num_beams == 1:  # beam-only flags would only draw warnings from generate
+            config.early_stopping = False
+            config.length_penalty = 1.0
         if self.static_cache:
             config.cache_implementation = "static"
         self._call_config = config

@@ -64,6 +64,7 @@ class GPUWorker(Generic[M, P, R]):
         self._prepare = prepare
         self._cost = cost
         self.autotune: TuneReport | None = None
+        self.sort_window = 0
         self._prep_executor = ThreadPoolExecutor(1, thread_name_prefix="prepare")
         self.replicas: list[Replica[M]] = []
         self.plan: list[DevicePlan] = []
@@ -105,9 +106,14 @@ class GPUWorker(Generic[M, P, R]):
             window = cfg.length_sort_window
             if window is None:
                 window = 4 * cfg.batch_size if self._cost is not None else 0
-            self._batcher = MicroBatcher(cfg.batch_size, cfg.max_delay_ms / 1000, cfg.queue_size,
-                                         cost=cost_fn, max_cost=cfg.max_batch_tokens,
-                                         sort_window=window)
+            # GPU_BATCH_SIZE (and the token budget) is per replica: a batch holds one chunk
+            # of that size for each replica, as in the spec's "batch 48 each".
+            per_batch = max(1, len(self.replicas))
+            self.sort_window = window
+            self._batcher = MicroBatcher(
+                cfg.batch_size * per_batch, cfg.max_delay_ms / 1000, cfg.queue_size,
+                cost=cost_fn, sort_window=window,
+                max_cost=None if cfg.max_batch_tokens is None else cfg.max_batch_tokens * per_batch)
             self.stats = WorkerStats()
             self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="gpuworker")
             self._state = "running"
@@ -346,5 +352,6 @@ class GPUWorker(Generic[M, P, R]):
             "dead_replicas": sum(not r.healthy for r in self.replicas),
             "plan": [p.as_dict() for p in self.plan],
             "batch_size": self.config.batch_size,
+            "length_sort_window": self.sort_window,
             "autotune": None if self.autotune is None else self.autotune.as_dict(),
         }
