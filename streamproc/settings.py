@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     kafka_max_poll_records: int = Field(default=500, ge=1)
     kafka_commit_interval_ms: int = Field(default=1000, ge=10)
     kafka_connect_timeout_s: float = Field(default=30.0, gt=0)
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
     )

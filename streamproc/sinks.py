@@ -239,18 +239,22 @@ class ExactlyOnceSink(Sink):
                 return
             producer = self.producers[tp]
             position = records[-1].offset + 1
+            deliveries: list[asyncio.Future[Any]] = []
             try:
                 async with producer.transaction():
                     for r in records:
-                        await producer.send(r.topic, value=r.value, key=r.key, headers=r.headers)
+                        deliveries.append(await producer.send(
+                            r.topic, value=r.value, key=r.key, headers=r.headers))
                     await producer.send_offsets_to_transaction(
                         {tp: position}, self.settings.kafka_group_id)
             except ProducerFenced:
+                _retrieve(deliveries)
                 log.warning("%s: fenced by a newer owner; dropping its uncommitted work", tp)
                 self.buffers[tp] = []
                 await self.rewind(tp, True)
                 return
             except KafkaError as exc:
+                _retrieve(deliveries)
                 log.warning("%s: transaction failed (%r); aborted and rewound", tp, exc)
                 self.buffers[tp] = []
                 await self.rewind(tp, False)
@@ -260,3 +264,10 @@ class ExactlyOnceSink(Sink):
                 self.count(r)
             partition.tracker.mark_committed(position)
             self.stats.commits += 1
+
+
+def _retrieve(deliveries: list[asyncio.Future[Any]]) -> None:
+    """The sends of an aborted transaction fail too; their errors are the transaction's,
+    already handled, so mark them retrieved rather than let asyncio log each one."""
+    for fut in deliveries:
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())
