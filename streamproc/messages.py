@@ -112,4 +112,10 @@ def decode_feed_item(value: bytes | None, *, max_input_bytes: int) -> FeedItem:
             )
         optional[name] = value_
     extra = {k: v for k, v in data.items() if k not in _KNOWN}
+    if extra:
+        try:  # they are written back out with the summary; orjson nests at most 255 deep
+            orjson.dumps(extra)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            raise InvalidRecord(f"an extra field cannot be passed through: {exc}",
+                                "unserializable") from None
     return FeedItem(id=data["id"], text=data["text"], extra=extra, **optional)

@@ -275,7 +275,13 @@ class StreamProcessor:
                 self._fail(error)
                 continue
             try:
-                await self.sink.emit(entry.tp, partition, self._outbound(entry, summary, error))
+                outbound = self._outbound(entry, summary, error)
+            except Exception as exc:  # noqa: BLE001 - one record's output, not the service
+                outbound = self._outbound(entry, None, InvalidRecord(
+                    f"the output could not be built: {type(exc).__name__}: {exc}",
+                    "output_failed"))
+            try:
+                await self.sink.emit(entry.tp, partition, outbound)
             except KafkaError as exc:  # refused before any retry could help (closed, too big)
                 partition.blocked = True
                 self._fail(exc)

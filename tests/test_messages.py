@@ -63,3 +63,10 @@ def test_summary_json_carries_source_timings_and_passthrough() -> None:
     assert record == {"id": "a1", "summary": "S.", "model": "m", "title": "T",
                       "source": {"topic": "t", "partition": 2, "offset": 41},
                       "timings_ms": {"inference": 1.235}}
+
+
+def test_extra_fields_too_deep_to_write_back_are_rejected_at_decode() -> None:
+    value = b'{"id": "d", "text": "t", "x": ' + b"[" * 300 + b"]" * 300 + b"}"
+    with pytest.raises(InvalidRecord) as info:
+        decode(value, limit=100_000)
+    assert info.value.reason_code == "unserializable"
