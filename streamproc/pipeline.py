@@ -276,7 +276,7 @@ class StreamProcessor:
                 continue
             try:
                 outbound = self._outbound(entry, summary, error)
-            except Exception as exc:  # noqa: BLE001 - one record's output, not the service
+            except Exception as exc:
                 outbound = self._outbound(entry, None, InvalidRecord(
                     f"the output could not be built: {type(exc).__name__}: {exc}",
                     "output_failed"))
