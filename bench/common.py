@@ -8,7 +8,6 @@ import contextlib
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -21,6 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
 from streamproc.kafka_clients import client_options, producer_for, start_with_retry
+from streamproc.kafka_demo import broker_answers
 from streamproc.progress import Progress
 from streamproc.settings import Settings
 
@@ -38,15 +38,6 @@ BENCH_BOOTSTRAP = f"127.0.0.1:{BENCH_PORT}"
 BENCH_DATA_DIR = ".kafka/bench-data"
 
 
-def _answers(bootstrap: str) -> bool:
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=2):
-            return True
-    except (OSError, ValueError):
-        return False
-
-
 def _kafka_sh(verb: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KAFKA_PORT": str(BENCH_PORT),
            "KAFKA_CONTROLLER_PORT": str(BENCH_CONTROLLER_PORT), "KAFKA_DATA_DIR": BENCH_DATA_DIR}
@@ -60,11 +51,11 @@ def bench_broker(bootstrap: str | None) -> Iterator[str]:
     """The broker to use: ``bootstrap`` as given (it must answer), else the benchmarks' own
     broker on 127.0.0.1:29092, started (and stopped at the end) if it is not running."""
     if bootstrap:
-        if not _answers(bootstrap):
+        if not broker_answers(bootstrap):
             raise SystemExit(f"no Kafka broker answers at --bootstrap {bootstrap}")
         yield bootstrap
         return
-    if _answers(BENCH_BOOTSTRAP):
+    if broker_answers(BENCH_BOOTSTRAP):
         print(f"using the running broker at {BENCH_BOOTSTRAP}", file=sys.stderr)
         yield BENCH_BOOTSTRAP
         return
