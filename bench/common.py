@@ -19,8 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
-from streamproc.kafka_clients import client_options, producer_for, start_with_retry
-from streamproc.kafka_demo import broker_answers
+from streamproc.kafka_clients import broker_answers, client_options, producer_for, start_with_retry
 from streamproc.progress import Progress
 from streamproc.settings import Settings
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -17,11 +18,22 @@ from .errors import BrokerUnavailable, ConfigError, StreamprocError
 from .settings import Settings
 
 __all__ = [
-    "client_options", "consumer_for", "dead_letter_headers", "ensure_topics", "producer_for",
-    "start_with_retry",
+    "broker_answers", "client_options", "consumer_for", "dead_letter_headers", "ensure_topics",
+    "producer_for", "start_with_retry",
 ]
 
 log = logging.getLogger("streamproc.kafka")
+
+
+def broker_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """True when a TCP connection to the first ``host:port`` of ``bootstrap`` succeeds."""
+    host, _, port = bootstrap.split(",")[0].strip().split("://")[-1].rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)),
+                                      timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def client_options(settings: Settings) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -18,7 +17,7 @@ from aiokafka import AIOKafkaConsumer
 from .demo import print_metrics
 from .engine import build_worker, feed_lines, sample_feed
 from .errors import BrokerUnavailable
-from .kafka_clients import client_options, producer_for, start_with_retry
+from .kafka_clients import broker_answers, client_options, producer_for, start_with_retry
 from .pipeline import StreamProcessor
 from .progress import Progress
 from .settings import Settings
@@ -36,15 +35,6 @@ BAD_RECORDS: list[tuple[str, bytes]] = [
     ("missing text", b'{"id": "bad-no-text"}'),
     ("wrong type", b'{"id": 42, "text": "numbers are not ids"}'),
 ]
-
-
-def broker_answers(bootstrap: str) -> bool:
-    host, _, port = bootstrap.split(",")[0].strip().rpartition(":")
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=2):
-            return True
-    except (OSError, ValueError):
-        return False
 
 
 def start_local_broker(settings: Settings) -> bool:

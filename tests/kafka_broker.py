@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -31,6 +30,8 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from streamproc.kafka_clients import broker_answers
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 KAFKA_SH = REPO_ROOT / "scripts" / "kafka.sh"
@@ -42,19 +43,6 @@ TEST_DATA_DIR = REPO_ROOT / ".kafka" / "test-data"
 
 class BrokerUnavailable(RuntimeError):
     """No usable broker given; the local one failed to start (no Java, port taken)."""
-
-
-def _answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
-    """True if a TCP connection to the first host:port of ``bootstrap`` succeeds."""
-    first = bootstrap.split(",")[0].strip().split("://")[-1]
-    host, sep, port = first.rpartition(":")
-    if not sep or not port.isdigit():
-        return False
-    try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
 
 
 def _kafka_sh(*args: str, timeout_s: float = 300.0) -> subprocess.CompletedProcess[str]:
@@ -78,7 +66,7 @@ def _kafka_sh(*args: str, timeout_s: float = 300.0) -> subprocess.CompletedProce
 def ensure_broker() -> tuple[str, Callable[[], None]]:
     """Return ``(bootstrap, stop)``; ``stop`` only stops a broker started here."""
     given = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
-    if given and _answers(given):
+    if given and broker_answers(given):
         return given, lambda: None
 
     _kafka_sh("stop", "--wipe")  # clean state; also reaps a leftover test broker
