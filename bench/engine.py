@@ -80,6 +80,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 from bench.common import ROOT, git_commit, load_average
 from streamproc.devtools import TINY_CORPUS, build_tiny_model
 from streamproc.engine import build_worker
+from streamproc.progress import Progress
 from streamproc.replicas import is_out_of_memory
 from streamproc.settings import Settings
 from streamproc.summarizers import load_summarizer
@@ -317,11 +318,25 @@ class _Layout:
 
     async def timed_pass(self, texts: list[str]) -> None:
         started = time.perf_counter()
-        try:
-            results = await self.worker.infer_many(texts)
-        except Exception as exc:
-            self.out["error"] = {"during": "run", **_error(exc)}
-            return
+        done_before = self.worker.stats.total_inferences + self.worker.stats.failures
+        with Progress(len(texts), f"  {self.out.get('layout', 'run')}") as progress:
+
+            async def follow() -> None:
+                while True:
+                    await asyncio.sleep(0.5)
+                    stats = self.worker.stats
+                    progress.advance(stats.total_inferences + stats.failures - done_before
+                                     - progress.done)
+
+            follower = asyncio.create_task(follow())
+            try:
+                results = await self.worker.infer_many(texts)
+            except Exception as exc:
+                self.out["error"] = {"during": "run", **_error(exc)}
+                return
+            finally:
+                follower.cancel()
+            progress.advance(len(texts) - progress.done)
         self.seconds.append(time.perf_counter() - started)
         self.failed += [r for r in results if isinstance(r, BaseException)]
 

@@ -54,9 +54,6 @@ async def report_loop(processor: StreamProcessor, observability: Observability,
 async def run_service(settings: Settings) -> int:
     """Serve health at once, load and warm the model, join the group, process until SIGTERM
     or SIGINT, then drain, produce, commit and close. Returns the exit code."""
-    log.info("starting: %s", {k: v for k, v in settings.masked().items()
-                              if k.startswith(("KAFKA_", "GPU_", "MODEL_", "SUMMARIZER",
-                                               "PROCESSING_"))})
     worker = build_worker(settings)
     processor = StreamProcessor(settings, worker)
     loop = asyncio.get_running_loop()
@@ -66,6 +63,11 @@ async def run_service(settings: Settings) -> int:
         async with Observability(settings, worker, processor) as observability, worker:
             if processor.stopping:  # a signal arrived while the model loaded
                 return 0
+            log.info("started: plan=[%s] batch_size=%d settings=%s",
+                     "; ".join(p.describe() for p in worker.plan), worker.config.batch_size,
+                     settings.masked(), extra={"fields": {
+                         "plan": [p.as_dict() for p in worker.plan],
+                         "settings": settings.masked()}})
             async with processor:
                 reporter = asyncio.create_task(
                     report_loop(processor, observability, settings.log_interval_s))
