@@ -49,7 +49,7 @@ class MicroBatcher(Generic[T]):
         self._max_cost = max_cost
         self._window = sort_window
         self._clock = clock
-        self._items: deque[tuple[float, T]] = deque()
+        self._items: deque[tuple[float, int, T]] = deque()  # (arrival, cost, item)
         self._not_empty = asyncio.Event()
         self._not_full = asyncio.Event()
         self._not_full.set()
@@ -79,7 +79,8 @@ class MicroBatcher(Generic[T]):
             raise WorkerClosed("batcher is closed")
         if self.full():
             raise asyncio.QueueFull
-        self._items.append((self._clock(), item))
+        cost = 0 if self._cost is None else self._cost(item)  # once per item, not per look
+        self._items.append((self._clock(), cost, item))
         self._not_empty.set()
 
     def close(self) -> None:
@@ -112,9 +113,9 @@ class MicroBatcher(Generic[T]):
                 except TimeoutError:
                     break
                 continue
-            item = self._items[0][1]
+            _, cost, item = self._items[0]
             if self._cost is not None:
-                longest = max(longest, self._cost(item))
+                longest = max(longest, cost)
                 if batch and not self._fits(len(batch) + 1, longest):
                     break
             self._items.popleft()
@@ -131,9 +132,9 @@ class MicroBatcher(Generic[T]):
         length (within the look-ahead window), so padding stays small. The oldest item always
         goes, so nothing starves; the batch keeps arrival order."""
         assert self._cost is not None
-        window = [item for _, item in itertools.islice(self._items, self._window)]
-        costs = [self._cost(item) for item in window]
-        order = sorted(range(len(window)), key=lambda i: (costs[i], i))
+        window = list(itertools.islice(self._items, self._window))
+        costs = [cost for _, cost, _ in window]
+        order = sorted(range(len(window)), key=costs.__getitem__)  # stable: ties keep arrival
         lo = hi = order.index(0)
         longest = costs[0]
         while hi - lo + 1 < self.max_items:
@@ -147,10 +148,9 @@ class MicroBatcher(Generic[T]):
             longest = max(longest, costs[pick])
             lo, hi = (lo - 1, hi) if pick == below else (lo, hi + 1)
         chosen = set(order[lo:hi + 1])
-        kept = [entry for i, entry in enumerate(itertools.islice(self._items, len(window)))
-                if i not in chosen]
+        kept = [entry for i, entry in enumerate(window) if i not in chosen]
         for _ in range(len(window)):
             self._items.popleft()
         self._items.extendleft(reversed(kept))
         self._not_full.set()
-        return [window[i] for i in sorted(chosen)]
+        return [window[i][2] for i in sorted(chosen)]
