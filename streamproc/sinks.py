@@ -156,6 +156,7 @@ class AtLeastOnceSink(Sink):
             partition.tracker.complete(record.offset)
             self.count(record)
             return
+        partition.blocked = True  # its offset stays open for good: no need to wait for it
         self.on_fatal(KafkaError(f"could not write to {record.topic} for "
                                  f"{self.SEND_RETRY_LIMIT_S:.0f} s: {last!r}"))
 
