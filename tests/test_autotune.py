@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -50,14 +50,15 @@ async def test_replicas_that_release_the_gil_earn_their_place() -> None:
     assert keep == 2 and report.replicas == 2
 
 
-async def test_replicas_that_hold_the_gil_do_not() -> None:
-    def python_bound(model: object, batch: list[str]) -> list[str]:
-        total = 0
-        for i in range(300_000):  # pure Python: threads serialize on the GIL
-            total += i
+async def test_replicas_that_serialize_do_not() -> None:
+    gil = threading.Lock()  # stands in for the GIL: one replica at a time does its work
+
+    def serialized(model: object, batch: list[str]) -> list[str]:
+        with gil:
+            time.sleep(0.02)
         return batch
 
     group = [replica(i, None) for i in range(2)]
-    keep = await tune_replicas(group, python_bound, ["x"], 8, TuneReport())
-    assert keep == 1
-    await asyncio.sleep(0)
+    report = TuneReport()
+    keep = await tune_replicas(group, serialized, ["x"], 8, report)
+    assert keep == 1, report.replicas_items_per_second
