@@ -28,6 +28,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import OffsetAndMetadata
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from tests.kafka_broker import read_all
+
 PARTITIONS = 3
 N_MESSAGES = 30
 TIMEOUT_S = 60.0
@@ -47,52 +50,6 @@ async def consume_n(consumer: AIOKafkaConsumer, n: int) -> list[ConsumerRecord[b
         for records in batch.values():
             out.extend(records)
     return out
-
-
-async def partitions_of(bootstrap: str, topic: str) -> list[int]:
-    """Partition ids of ``topic`` (ValueError if it does not exist)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        desc = await admin.describe_topics([topic])
-    finally:
-        await admin.close()
-    parts = sorted(p["partition"] for p in (desc[0].get("partitions") or []))
-    if not desc or desc[0].get("error_code", 0) != 0 or not parts:
-        raise ValueError(f"topic {topic!r} not found: {desc}")
-    return parts
-
-
-async def read_to_end(
-    bootstrap: str, topic: str, isolation_level: str
-) -> list[ConsumerRecord[bytes, bytes]]:
-    """Read a whole topic (no group) up to its end offsets (LSO for read_committed)."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level=isolation_level,
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in await partitions_of(bootstrap, topic)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        out: list[ConsumerRecord[bytes, bytes]] = []
-        deadline = time.monotonic() + TIMEOUT_S
-        while True:
-            positions = [await consumer.position(tp) for tp in tps]
-            if all(pos >= end[tp] for pos, tp in zip(positions, tps, strict=True)):
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out reading {topic} to {end}")
-            batch = await consumer.getmany(timeout_ms=500)
-            for records in batch.values():
-                out.extend(records)
-        return out
-    finally:
-        await consumer.stop()
 
 
 async def run(bootstrap: str) -> None:
@@ -214,8 +171,9 @@ async def run(bootstrap: str) -> None:
             await txp.stop()
         assert committed_tx == {tp: o.offset for tp, o in offsets.items()}, committed_tx
 
-        rc = await read_to_end(bootstrap, dst, "read_committed")
-        ru = await read_to_end(bootstrap, dst, "read_uncommitted")
+        rc = await read_all(bootstrap, dst, isolation_level="read_committed", timeout_s=TIMEOUT_S)
+        ru = await read_all(bootstrap, dst, isolation_level="read_uncommitted",
+                            timeout_s=TIMEOUT_S)
         rc_vals = sorted(r.value for r in rc)
         assert rc_vals == sorted(f"MSG-{i}".encode() for i in range(N_MESSAGES)), rc_vals
         assert len(ru) == N_MESSAGES + 5, len(ru)
