@@ -75,6 +75,8 @@ class PipelineStats:
     send_retries: int = 0
     dropped_after_revoke: int = 0
     paused: bool = False
+    backpressure_seconds: float = 0.0  # time the fetch waited for room in the worker
+    pauses: int = 0  # waits long enough to pause the partitions
     end_to_end: Histogram = field(default_factory=lambda: _histogram(
         "streamproc_end_to_end_latency_seconds", "From the input record's timestamp to the "
         "broker's acknowledgement (or transaction commit) of its output.", _SECOND_BUCKETS))
@@ -96,5 +98,7 @@ class PipelineStats:
             "send_retries": self.send_retries,
             "dropped_after_revoke": self.dropped_after_revoke,
             "paused": self.paused,
+            "backpressure_seconds": self.backpressure_seconds,
+            "pauses": self.pauses,
             "uptime_seconds": elapsed,
         }

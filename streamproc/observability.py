@@ -69,6 +69,9 @@ class _Collector(Collector):
         yield dead
         yield CounterMetricFamily("streamproc_commits", "Offset commits (or committed "
                                   "transactions).", value=ps.commits)
+        yield CounterMetricFamily("streamproc_backpressure_seconds", "Time the fetch waited "
+                                  "for room in the worker's queue.",
+                                  value=ps.backpressure_seconds)
         yield from ps.end_to_end.collect()
         lag = GaugeMetricFamily("streamproc_consumer_lag_records", "High-water mark minus the "
                                 "consumer's position.", labels=["topic", "partition"])

@@ -4,6 +4,7 @@ Commit protocol (at-least-once)
 -------------------------------
 1. **Fetch.** ``getmany`` returns records of the assigned, unpaused partitions. Each record's
    offset is registered, in fetch order, as *open* in its partition's :class:`OffsetTracker`.
+   While the worker's queue is full, or too many records are open, fetching waits.
 2. **Decode.** A record that is not a valid feed item becomes a dead letter right away. A
    valid one is submitted to the GPUWorker, which batches by size and delay.
 3. **Emit in order.** One emitter takes the records in fetch order, waits for each result,
@@ -63,6 +64,8 @@ log = logging.getLogger("streamproc.pipeline")
 # aiokafka's default max_request_size is 1 MiB; keep room for the key and the headers.
 DLQ_MAX_VALUE_BYTES = 1024 * 1024 - 64 * 1024
 OPEN_RECORDS_PER_QUEUE_SLOT = 4
+BACKPRESSURE_CHECK_S = 0.005
+PAUSE_AFTER_S = 5.0
 
 
 @dataclass(slots=True)
@@ -190,32 +193,55 @@ class StreamProcessor:
     # --- fetch ------------------------------------------------------------------------------
     async def _fetch_loop(self) -> None:
         while not self._stop.is_set():
-            self._backpressure()
-            batches = await self.consumer.getmany(
-                timeout_ms=200, max_records=self.settings.kafka_max_poll_records)
-            for tp, records in batches.items():
-                first = self._partitions.get(tp)
-                for record in records:
-                    partition = self._partitions.get(tp)
-                    if partition is None or partition is not first or not partition.accepting:
-                        break  # revoked or rewound meanwhile: these records are stale
-                    await self._accept(tp, partition, record)
+            if self._busy():
+                await self._wait_for_room()
+                continue
+            await self._fetch(timeout_ms=200)
 
-    def _backpressure(self) -> None:
-        """Pause fetching while the worker's queue is full, or while more than
-        ``OPEN_RECORDS_PER_QUEUE_SLOT x GPU_QUEUE_SIZE`` records are open (results and acks in
-        flight); resume once both are down to half. Pausing is not free: aiokafka drops what it
-        had prefetched for a paused partition and fetches it again on resume."""
+    async def _fetch(self, timeout_ms: int) -> None:
+        batches = await self.consumer.getmany(
+            timeout_ms=timeout_ms, max_records=self.settings.kafka_max_poll_records)
+        for tp, records in batches.items():
+            first = self._partitions.get(tp)
+            for record in records:
+                partition = self._partitions.get(tp)
+                if partition is None or partition is not first or not partition.accepting:
+                    break  # revoked or rewound meanwhile: these records are stale
+                await self._accept(tp, partition, record)
+
+    def _busy(self) -> bool:
+        """The worker's queue is full, or more than ``OPEN_RECORDS_PER_QUEUE_SLOT x
+        GPU_QUEUE_SIZE`` records are open (results and acks in flight)."""
+        limit = OPEN_RECORDS_PER_QUEUE_SLOT * self.settings.gpu_queue_size
+        return self.worker.queue_full() or self.in_flight() >= limit
+
+    def _has_room(self) -> bool:
+        """Both the queue and the open records are down to half their limits."""
         queue = self.settings.gpu_queue_size
-        limit = OPEN_RECORDS_PER_QUEUE_SLOT * queue
-        busy = self.worker.queue_full() or self.in_flight() >= limit
-        if busy:
-            self.consumer.pause(*self.consumer.assignment())
-            if not self.stats.paused:
-                log.info("backpressure: pausing fetch (%d records open)", self.in_flight())
-            self.stats.paused = True
-        elif (self.stats.paused and self.worker.queue_depth() <= queue // 2
-              and self.in_flight() <= limit // 2):
+        return (self.worker.queue_depth() <= queue // 2
+                and self.in_flight() <= OPEN_RECORDS_PER_QUEUE_SLOT * queue // 2)
+
+    async def _wait_for_room(self) -> None:
+        """Backpressure: stop fetching until :meth:`_has_room`, checking every
+        ``BACKPRESSURE_CHECK_S``. A short wait needs no more: aiokafka heartbeats on its own
+        task and holds what it prefetched. Past ``PAUSE_AFTER_S`` the partitions are paused
+        and ``getmany`` keeps being called (it returns nothing), so the group does not count
+        the consumer as stuck (``max.poll.interval.ms``). Pausing is kept for long waits
+        because it costs: aiokafka drops what it prefetched and fetches it again on resume."""
+        since = time.monotonic()
+        while not self._stop.is_set() and not self._has_room():
+            if not self.stats.paused and time.monotonic() - since >= PAUSE_AFTER_S:
+                self.consumer.pause(*self.consumer.assignment())
+                self.stats.paused = True
+                self.stats.pauses += 1
+                log.info("backpressure: pausing fetch (%d records open, %d queued)",
+                         self.in_flight(), self.worker.queue_depth())
+            if self.stats.paused:
+                await self._fetch(timeout_ms=int(BACKPRESSURE_CHECK_S * 1000))  # returns none
+            else:
+                await asyncio.sleep(BACKPRESSURE_CHECK_S)
+        self.stats.backpressure_seconds += time.monotonic() - since
+        if self.stats.paused:
             self.consumer.resume(*self._partitions)
             self.stats.paused = False
             log.info("backpressure: resuming fetch")

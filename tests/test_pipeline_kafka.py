@@ -25,6 +25,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from streamproc import pipeline
 from streamproc.engine import SummaryWorker, build_worker
 from streamproc.pipeline import StreamProcessor
 from streamproc.settings import GPUConfig, Settings
@@ -483,6 +484,44 @@ async def end_offsets_of(bootstrap: str, topic: str) -> dict[int, int]:
     return {tp.partition: end for tp, end in ends.items() if end > 0}
 
 
+# --- 5. backpressure -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("long_stall", [False, True], ids=["short-waits", "long-stall"])
+async def test_backpressure_bounds_open_records_and_pauses_only_long_stalls(
+        kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch, long_stall: bool) -> None:
+    """A slow model and a small queue: the fetch stops while the queue is full or too many
+    records are open, and every record is still answered once. Short waits do not pause the
+    partitions; a stall longer than ``PAUSE_AFTER_S`` does, and fetching resumes after it."""
+    n, queue, poll = 300, 20, 10
+    monkeypatch.setattr(pipeline, "PAUSE_AFTER_S", 0.05 if long_stall else 60.0)
+    settings = make_settings(kafka_bootstrap, gpu_queue_size=queue,
+                             kafka_max_poll_records=poll)
+    await create_topics(settings)
+    items = [feed_item(i) for i in range(n)]
+    await produce(kafka_bootstrap, settings.kafka_input_topic,
+                  [(item_id.encode(), value) for item_id, value in items])
+    most_open = 0
+    async with (identity_worker(delay_s=0.03, batch_size=5, queue_size=queue) as worker,
+                StreamProcessor(settings, worker) as processor, running(processor)):
+
+        def watch() -> bool:
+            nonlocal most_open
+            most_open = max(most_open, processor.in_flight())
+            return processor.stats.produced >= n
+
+        await wait_for(watch, 60, "every answer")
+        assert not processor.stats.paused, "fetching did not resume"
+        assert not processor.consumer.paused()
+    limit = pipeline.OPEN_RECORDS_PER_QUEUE_SLOT * queue
+    assert 0 < most_open <= limit + poll  # one poll may land past the limit
+    assert processor.stats.backpressure_seconds > 0
+    assert (processor.stats.pauses > 0) is long_stall
+    outputs = await read_all(kafka_bootstrap, settings.kafka_output_topic)
+    assert Counter(orjson.loads(r.value)["id"] for r in outputs) == Counter(
+        item_id for item_id, _ in items)
+
+
 async def test_shutdown_is_bounded_by_shutdown_timeout(kafka_bootstrap: str) -> None:
     n, shutdown_timeout_s, margin_s = 80, 1.0, 2.5
     settings = make_settings(kafka_bootstrap, shutdown_timeout_s=shutdown_timeout_s)
@@ -515,7 +554,7 @@ async def test_shutdown_is_bounded_by_shutdown_timeout(kafka_bootstrap: str) -> 
         f"run() took {took:.1f} s after request_stop (SHUTDOWN_TIMEOUT_S={shutdown_timeout_s})")
 
 
-# --- 5-7. the service as a process -----------------------------------------------------------
+# --- 6-8. the service as a process -----------------------------------------------------------
 
 
 def service_env(**variables: object) -> dict[str, str]:
