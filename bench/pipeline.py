@@ -21,6 +21,10 @@ production, client start and the group join are excluded. ``bare`` reads the clo
 N`` stops it). Over the same interval: CPU seconds of this process (every thread) and, when
 the broker is the benchmark's own, of the broker process (from /proc), per item.
 
+Both variants run on a frozen heap (:func:`streamproc.service.freeze_heap`, which ``streamproc
+run`` calls once its model is loaded), so neither pays for the garbage collector walking the
+objects torch and transformers allocated at import.
+
 A warm-up run of every variant (``--warmup`` records, not counted) comes first; then the
 variants alternate (the order flips each round) and each one's median items/s is reported.
 Every streamproc output topic is read back (read_committed) and must hold each id exactly
@@ -67,6 +71,7 @@ from streamproc.engine import build_worker
 from streamproc.kafka_clients import consumer_for, producer_for, start_with_retry
 from streamproc.pipeline import StreamProcessor
 from streamproc.progress import Progress
+from streamproc.service import freeze_heap
 from streamproc.settings import Settings, load_settings
 from streamproc.summarizers import split_sentences
 
@@ -230,6 +235,7 @@ async def run_streamproc(settings: Settings, n: int, label: str, broker: int | N
     """The clocks when ``stats.consumed > 0`` and when ``stats.produced >= n``, both sampled
     every 10 ms."""
     async with build_worker(settings) as worker, StreamProcessor(settings, worker) as processor:
+        freeze_heap()  # as ``streamproc run`` does once the model is loaded
         runner = asyncio.create_task(processor.run(), name="streamproc")
         stats = processor.stats
         start = end = None
@@ -336,6 +342,7 @@ async def bench(args: argparse.Namespace, bootstrap: str) -> int:
         print(f"note: load average {load_average()} on {os.cpu_count()} CPUs before the "
               "start; other work competes with the broker and this process, so expect noise "
               "(more --rounds help)", file=sys.stderr)
+    freeze_heap()  # the bare loop gets the same frozen heap as streamproc (see run_streamproc)
     run_id = uuid.uuid4().hex[:8]
     results: list[Result] = []
     created: list[str] = []
