@@ -50,7 +50,8 @@ its VRAM plan and peak memory are its own.
 
 Output: one line per figure, then the JSON of everything (also written to ``--json OUT``):
 device, torch/transformers versions, commit, command line, items/s, ratios ``c/a`` and
-``c/b``, start times, peak GPU memory per layout, the worker's plan and autotune report, OOMs.
+``c/b`` (and, interleaved, the same ratios paired round by round), start times, peak GPU
+memory per layout, the worker's plan and autotune report, OOMs.
 """
 
 from __future__ import annotations
@@ -523,6 +524,26 @@ def _ratio(results: dict[str, dict[str, Any]], top: str, bottom: str) -> float |
     return float(a["items_per_second"] / b["items_per_second"])
 
 
+def _paired(results: dict[str, dict[str, Any]], top: str, bottom: str) -> dict[str, Any] | None:
+    """Round-by-round ratios ``top / bottom``: with ``--interleave`` the two passes of a round
+    ran back to back, so load from other work hits both; their median is steadier than the
+    ratio of the two medians."""
+    a = results.get(top, {}).get("rounds_items_per_second", [])
+    b = results.get(bottom, {}).get("rounds_items_per_second", [])
+    if not a or len(a) != len(b):
+        return None
+    ratios = [x / y for x, y in zip(a, b, strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+            "rounds": len(ratios)}
+
+
+def _fmt_paired(paired: dict[str, Any] | None) -> str:
+    if paired is None or paired["rounds"] < 2:
+        return ""
+    return (f" (paired by round: median {paired['median']:.2f}, {paired['min']:.2f}.."
+            f"{paired['max']:.2f} over {paired['rounds']} rounds)")
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -597,11 +618,14 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
                   f"{_describe(bare, device)}", flush=True)
         section["ratios"] = {"c/a": _ratio(section["layouts"], "c", "a"),
                              "c/b": _ratio(section["layouts"], "c", "b")}
+        section["paired"] = {"c/a": _paired(section["layouts"], "c", "a"),
+                             "c/b": _paired(section["layouts"], "c", "b")}
         if args.bare:
             section["ratios"]["b/bare"] = _ratio(section["layouts"], "b", "bare")
         print(f"[{gen}] ratios: c/a={_fmt(section['ratios']['c/a'])} "
               f"c/b={_fmt(section['ratios']['c/b'])}"
-              + (f" b/bare={_fmt(section['ratios']['b/bare'])}" if args.bare else ""),
+              + (f" b/bare={_fmt(section['ratios']['b/bare'])}" if args.bare else "")
+              + (f"; c/b{_fmt_paired(section['paired']['c/b'])}" if interleave else ""),
               flush=True)
 
         if not args.mixed:
@@ -631,8 +655,12 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
             print(f"[{gen} mixed] {label:52s} {_describe(result, device)}", flush=True)
         mixed["ratios"] = {"c/b": _ratio(mixed["layouts"], "c", "b"),
                            "c/c_window0": _ratio(mixed["layouts"], "c", "c_window0")}
+        mixed["paired"] = {"c/b": _paired(mixed["layouts"], "c", "b"),
+                           "c/c_window0": _paired(mixed["layouts"], "c", "c_window0")}
         print(f"[{gen} mixed] ratios: c/b={_fmt(mixed['ratios']['c/b'])} "
-              f"c/c_window0={_fmt(mixed['ratios']['c/c_window0'])}", flush=True)
+              f"c/c_window0={_fmt(mixed['ratios']['c/c_window0'])}"
+              + (f"; c/b{_fmt_paired(mixed['paired']['c/b'])}" if interleave else ""),
+              flush=True)
 
 
 def _relative(path: str) -> str:

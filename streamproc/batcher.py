@@ -6,10 +6,11 @@ Items wait in a bounded buffer. :meth:`MicroBatcher.next_batch` returns a batch 
 ``max_cost`` budget also close a batch when ``items x longest cost`` (the padded size) would
 exceed it; the item that would overflow opens the next one. With a ``sort_window`` and a
 backlog longer than one batch, the batch is chosen by length instead (see
-:meth:`_take_similar`). :meth:`put` waits while the buffer is full: nothing is dropped.
+:meth:`_take_similar`). :meth:`put` and :meth:`put_many` wait while the buffer is full:
+nothing is dropped.
 
-After :meth:`close`, ``put`` raises and ``next_batch`` hands out what is left without
-waiting, then returns an empty list.
+After :meth:`close`, ``put`` and ``put_many`` raise, and ``next_batch`` hands out what is left
+without waiting, then returns an empty list.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from .errors import WorkerClosed
@@ -73,6 +74,24 @@ class MicroBatcher(Generic[T]):
             self._not_full.clear()
             await self._not_full.wait()
         self.put_nowait(item)
+
+    async def put_many(self, items: Sequence[T]) -> None:
+        """Add items in order, each as soon as there is room (waiting while full)."""
+        start = 0
+        while start < len(items):
+            while self.full():
+                if self._closed:
+                    raise WorkerClosed("batcher is closed")
+                self._not_full.clear()
+                await self._not_full.wait()
+            if self._closed:
+                raise WorkerClosed("batcher is closed")
+            room = self.maxsize - len(self._items)
+            now, cost = self._clock(), self._cost
+            self._items.extend((now, 0 if cost is None else cost(item), item)
+                               for item in items[start:start + room])
+            start += room
+            self._not_empty.set()
 
     def put_nowait(self, item: T) -> None:
         if self._closed:

@@ -202,12 +202,9 @@ class StreamProcessor:
         batches = await self.consumer.getmany(
             timeout_ms=timeout_ms, max_records=self.settings.kafka_max_poll_records)
         for tp, records in batches.items():
-            first = self._partitions.get(tp)
-            for record in records:
-                partition = self._partitions.get(tp)
-                if partition is None or partition is not first or not partition.accepting:
-                    break  # revoked or rewound meanwhile: these records are stale
-                await self._accept(tp, partition, record)
+            partition = self._partitions.get(tp)
+            if partition is not None and partition.accepting:  # else revoked or rewound
+                await self._accept(tp, partition, records)
 
     def _busy(self) -> bool:
         """The worker's queue is full, or more than ``OPEN_RECORDS_PER_QUEUE_SLOT x
@@ -247,19 +244,28 @@ class StreamProcessor:
             log.info("backpressure: resuming fetch")
 
     async def _accept(self, tp: TopicPartition, partition: PartitionState,
-                      record: ConsumerRecord[bytes, bytes]) -> None:
-        partition.tracker.add(record.offset)
-        partition.unemitted += 1
-        self.stats.consumed += 1
-        entry = _Entry(tp, partition.generation, record, time.monotonic())
-        try:
-            entry.item = decode_feed_item(record.value,
-                                          max_input_bytes=self.settings.max_input_bytes)
-        except InvalidRecord as exc:
-            entry.error = exc
-        else:
-            entry.outcome = await self.worker.submit(entry.item.text)
-        self._pending.append(entry)
+                      records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """Register one partition's fetched records as open, decode them, and submit the
+        valid ones to the worker in one call; all of them then wait for the emitter."""
+        fetched_at, generation = time.monotonic(), partition.generation
+        entries: list[_Entry] = []
+        for record in records:
+            partition.tracker.add(record.offset)
+            entry = _Entry(tp, generation, record, fetched_at)
+            try:
+                entry.item = decode_feed_item(record.value,
+                                              max_input_bytes=self.settings.max_input_bytes)
+            except InvalidRecord as exc:
+                entry.error = exc
+            entries.append(entry)
+        partition.unemitted += len(entries)
+        self.stats.consumed += len(entries)
+        valid = [entry for entry in entries if entry.item is not None]
+        futures = await self.worker.submit_many([entry.item.text for entry in valid
+                                                 if entry.item is not None])
+        for entry, future in zip(valid, futures, strict=True):
+            entry.outcome = future
+        self._pending.extend(entries)
         self._pending_ready.set()
 
     def _abandon(self) -> None:
@@ -272,7 +278,13 @@ class StreamProcessor:
 
     # --- emit -------------------------------------------------------------------------------
     async def _emit_loop(self) -> None:
-        while (entry := await self._next_pending()) is not None:
+        pending = self._pending
+        while True:
+            while not pending:
+                self._pending_ready.clear()
+                await self._pending_ready.wait()
+            if (entry := pending.popleft()) is None:
+                return
             error = entry.error
             summary: str | None = None
             abandoned = False
@@ -311,12 +323,6 @@ class StreamProcessor:
             except KafkaError as exc:  # refused before any retry could help (closed, too big)
                 partition.blocked = True
                 self._fail(exc)
-
-    async def _next_pending(self) -> _Entry | None:
-        while not self._pending:
-            self._pending_ready.clear()
-            await self._pending_ready.wait()
-        return self._pending.popleft()
 
     def _outbound(self, entry: _Entry, summary: str | None,
                   error: StreamprocError | None) -> Outbound:

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -45,7 +45,7 @@ log = logging.getLogger("streamproc.worker")
 class _Request(Generic[P, R]):
     payload: P
     future: asyncio.Future[R]
-    enqueued_at: float = field(default_factory=time.monotonic)
+    enqueued_at: float
 
 
 class GPUWorker(Generic[M, P, R]):
@@ -154,11 +154,23 @@ class GPUWorker(Generic[M, P, R]):
 
     async def submit(self, payload: P) -> asyncio.Future[R]:
         """Queue one payload (waiting while the queue is full); its future holds the result."""
+        return (await self.submit_many((payload,)))[0]
+
+    async def submit_many(self, payloads: Sequence[P]) -> list[asyncio.Future[R]]:
+        """Queue payloads in order, each as soon as there is room; one future per payload.
+        If the wait is cancelled or the worker closes, the futures are cancelled, so the items
+        already queued are skipped."""
         if self._state != "running" or self._batcher is None:
             raise WorkerClosed("the GPUWorker is not running")
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        await self._batcher.put(_Request(payload, future))
-        return future
+        loop, now = asyncio.get_running_loop(), time.monotonic()
+        requests = [_Request(p, loop.create_future(), now) for p in payloads]
+        try:
+            await self._batcher.put_many(requests)
+        except BaseException:
+            for request in requests:
+                request.future.cancel()
+            raise
+        return [request.future for request in requests]
 
     async def infer(self, payload: P) -> R:
         """One result, or the typed error raised."""
@@ -166,10 +178,8 @@ class GPUWorker(Generic[M, P, R]):
 
     async def infer_many(self, payloads: Sequence[P]) -> list[R | StreamprocError]:
         """Results in payload order; an item that failed holds its typed error instead."""
-        futures: list[asyncio.Future[R]] = []
+        futures = await self.submit_many(payloads)
         try:
-            for payload in payloads:
-                futures.append(await self.submit(payload))
             return await asyncio.gather(*futures, return_exceptions=True)  # type: ignore[return-value]
         except BaseException:
             for fut in futures:

@@ -63,6 +63,29 @@ async def test_put_waits_while_full_and_nothing_is_dropped() -> None:
     assert seen == [2, 99]
 
 
+async def test_put_many_fills_what_room_there_is_and_waits_for_the_rest_in_order() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_items=2, max_delay_s=0, maxsize=3)
+    blocked = asyncio.create_task(batcher.put_many(range(7)))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not blocked.done() and batcher.qsize() == 3  # the first three went in at once
+    seen: list[int] = []
+    while len(seen) < 7:
+        seen += await asyncio.wait_for(batcher.next_batch(), 1)
+    await asyncio.wait_for(blocked, 1)
+    assert seen == list(range(7))
+
+
+async def test_put_many_raises_once_closed_and_keeps_what_went_in() -> None:
+    batcher: MicroBatcher[int] = MicroBatcher(max_items=10, max_delay_s=0, maxsize=2)
+    blocked = asyncio.create_task(batcher.put_many([1, 2, 3]))
+    await asyncio.sleep(0.05)
+    batcher.close()
+    with pytest.raises(WorkerClosed):
+        await asyncio.wait_for(blocked, 1)
+    assert await batcher.next_batch() == [1, 2]
+    assert await batcher.next_batch() == []
+
+
 async def test_padded_token_budget_closes_a_batch_and_carries_the_item_over() -> None:
     batcher: MicroBatcher[int] = MicroBatcher(
         max_items=100, max_delay_s=0, maxsize=100, cost=lambda n: n, max_cost=12)

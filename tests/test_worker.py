@@ -193,3 +193,27 @@ async def test_items_whose_callers_gave_up_are_skipped() -> None:
             future.cancel()  # a whole batch nobody waits for any more
         assert await worker.infer("after") == "AFTER@0"
     assert all("c0" not in call for call in loader.models[0].calls)
+
+
+async def test_submit_many_cancelled_while_waiting_skips_what_it_had_queued() -> None:
+    gate = threading.Event()
+    loader = Loader()
+
+    def gated(model: EchoModel, payloads: list[str]) -> list[str]:
+        gate.wait(5)
+        return echo_task(model, payloads)
+
+    worker = GPUWorker(loader, cpu_config(batch_size=1, max_delay_ms=0, queue_size=2,
+                                          pool_max_instances=1), gated)
+    async with worker:
+        first = await worker.submit("running")  # taken by the replica, blocks on the gate
+        await asyncio.sleep(0.05)
+        waiting = asyncio.create_task(worker.submit_many(["m0", "m1", "m2", "m3"]))
+        await asyncio.sleep(0.05)
+        assert worker.queue_full() and not waiting.done()  # m0 and m1 in, m2 waits for room
+        waiting.cancel()
+        gate.set()
+        assert await first == "RUNNING@0"
+        assert await worker.infer("after") == "AFTER@0"
+    ran = [p for call in loader.models[0].calls for p in call]
+    assert ran == ["running", "after"]  # m0 and m1 were queued, then skipped
