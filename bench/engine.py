@@ -41,17 +41,20 @@ with ``--shape tiny`` on the CPU, 96 with ``--shape bart-large-cnn`` on the CPU 
 per batch of 48). On one GPU the whole default run can exceed ten minutes (autotune alone may
 spend 120 s per ``c`` worker): run ``--gen greedy`` and ``--gen checkpoint`` separately.
 
-Each started worker runs ``--rounds`` timed passes over the same items (default 3 for the
-tiny model on the CPU, whose figures are noisy on a shared machine, else 1); the median counts.
-With ``--interleave`` (the default for the tiny model on the CPU) the workers of one comparison
-are started together and their passes alternate, so bursts of other work hit every layout
-alike; otherwise (CUDA, the big model) each layout runs alone and is freed before the next, so
-its VRAM plan and peak memory are its own.
+Every layout runs ``--rounds`` timed passes over the same items (default 5 for the tiny model
+on the CPU, whose figures are noisy on a shared machine, else 1); the median counts. Only one
+worker exists at a time, so its VRAM plan and peak memory are its own: on the CPU, workers
+kept alive side by side slowed each other (each thread that has run torch keeps its own
+OpenMP team), which says nothing about production, where a process holds one worker. By
+default each layout starts, runs its passes and stops before the next. With ``--rotate`` (the
+default for the tiny model on the CPU) every round starts each layout afresh, one after the
+other in a rotated order, so drifts in the machine's load hit every layout alike; the ratios
+are then also given round by round (passes of one round ran back to back).
 
 Output: one line per figure, then the JSON of everything (also written to ``--json OUT``):
 device, torch/transformers versions, commit, command line, items/s, ratios ``c/a`` and
-``c/b`` (and, interleaved, the same ratios paired round by round), start times, peak GPU
-memory per layout, the worker's plan and autotune report, OOMs.
+``c/b`` (and, with ``--rotate``, the same ratios paired round by round), start times, peak
+GPU memory per layout, the worker's plan and autotune report, OOMs.
 """
 
 from __future__ import annotations
@@ -296,6 +299,7 @@ class _Layout:
         self.seconds: list[float] = []
         self.failed: list[BaseException] = []
         self.busy_before = 0.0
+        self.busy_seconds = 0.0  # replica-seconds in model calls during the timed passes
 
     @property
     def alive(self) -> bool:
@@ -340,6 +344,9 @@ class _Layout:
             progress.advance(len(texts) - progress.done)
         self.seconds.append(time.perf_counter() - started)
         self.failed += [r for r in results if isinstance(r, BaseException)]
+        busy = self.worker.get_metrics()["inference_seconds"]
+        self.busy_seconds += busy - self.busy_before
+        self.busy_before = busy
 
     async def finish(self) -> dict[str, Any]:
         """Record the figures, stop the worker and free its memory."""
@@ -379,40 +386,36 @@ class _Layout:
         out["model_calls"] = metrics["model_calls"]
         out["oom_splits"] = metrics["oom_splits"]
         # replica-seconds inside model calls over wall seconds: how busy the replicas were
-        out["replica_busy"] = (metrics["inference_seconds"] - self.busy_before) / sum(seconds)
+        out["replica_busy"] = self.busy_seconds / sum(seconds)
         out["sort_window"] = metrics["length_sort_window"]
 
 
 async def run_layouts(layouts: dict[str, tuple[str, Settings]], texts: list[str], rounds: int,
-                      interleave: bool) -> dict[str, dict[str, Any]]:
-    """Each layout's figures. Sequential: start, ``rounds`` timed passes, stop, next layout
-    (so each has the device to itself: its peak memory and VRAM plan are its own).
-    Interleaved: start them all, then the rounds go round the layouts (a rotated order each
-    round), so load from other work on the machine hits them alike."""
+                      rotate: bool) -> dict[str, dict[str, Any]]:
+    """Each layout's figures, one worker at a time. Plain: a layout starts, runs ``rounds``
+    timed passes and stops, then the next. Rotated: each round starts, runs once and stops
+    every layout, in an order rotated by one each round."""
     runs = {key: _Layout(label, settings, len(texts)) for key, (label, settings) in
             layouts.items()}
     keys = list(runs)
-    if not interleave:
-        for key in keys:
-            run = runs[key]
-            try:
-                await run.start()
-                for _ in range(rounds):
-                    if run.alive:
-                        await run.timed_pass(texts)
-            finally:
-                await run.finish()
-        return {key: run.out for key, run in runs.items()}
+    schedule = ([[key] * rounds for key in keys] if not rotate else
+                [keys[r % len(keys):] + keys[:r % len(keys)] for r in range(rounds)])
     try:
-        for key in keys:
-            await runs[key].start()
-        for r in range(rounds):
-            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                if runs[key].alive:
-                    await runs[key].timed_pass(texts)
+        for group in schedule:
+            for key in group:
+                run = runs[key]
+                if "error" in run.out:
+                    continue
+                if run.worker is None:
+                    await run.start()
+                if run.alive:
+                    await run.timed_pass(texts)
+                if rotate:
+                    await run.finish()
+            await runs[group[0]].finish()
     finally:
-        for key in keys:
-            await runs[key].finish()
+        for run in runs.values():  # after a failure: stop what is still running
+            await run.finish()
     return {key: run.out for key, run in runs.items()}
 
 
@@ -525,7 +528,7 @@ def _ratio(results: dict[str, dict[str, Any]], top: str, bottom: str) -> float |
 
 
 def _paired(results: dict[str, dict[str, Any]], top: str, bottom: str) -> dict[str, Any] | None:
-    """Round-by-round ratios ``top / bottom``: with ``--interleave`` the two passes of a round
+    """Round-by-round ratios ``top / bottom``: with ``--rotate`` the two passes of a round
     ran back to back, so load from other work hits both; their median is steadier than the
     ratio of the two medians."""
     a = results.get(top, {}).get("rounds_items_per_second", [])
@@ -572,11 +575,11 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
                         "b": (f"b one replica, batch {SPEC_BATCH}, FIFO", single),
                         "c": ("c streamproc defaults", {})}
     source = args.source_tokens
-    rounds = args.rounds or (3 if device == "cpu" and args.shape == "tiny" else 1)
-    interleave = (args.interleave if args.interleave is not None
-                  else device == "cpu" and args.shape == "tiny")
+    rounds = args.rounds or (5 if device == "cpu" and args.shape == "tiny" else 1)
+    rotate = (args.rotate if args.rotate is not None
+              else device == "cpu" and args.shape == "tiny")
     report["rounds"] = rounds
-    report["interleaved"] = interleave
+    report["rotated"] = rotate
     report["fixed"] = {}
     report["mixed"] = {}
     for gen in gens:
@@ -585,7 +588,11 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
         lengths = token_lengths(tokenizer, texts, source)
         if set(lengths) != {source}:
             raise SystemExit(f"sources are not exactly {source} tokens: {sorted(set(lengths))}")
-        check = check_new_tokens(settings(gen, source), texts[0], args.new_tokens)
+        with ThreadPoolExecutor(1, thread_name_prefix="check") as pool:
+            # Not on the main thread: torch run there first made every later replica thread
+            # slower (about 1.5x measured with the tiny model on 2 CPU cores).
+            check = pool.submit(check_new_tokens, settings(gen, source), texts[0],
+                                args.new_tokens).result()
         section: dict[str, Any] = {"items": n, "generation": GENERATION[gen],
                                    "generation_check": check, "layouts": {}}
         report["fixed"][gen] = section
@@ -594,7 +601,7 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
               f"{check['no_repeat_ngram_size']}", flush=True)
         results = await run_layouts(
             {key: (label, settings(gen, source, **layout))
-             for key, (label, layout) in layouts.items()}, texts, rounds, interleave)
+             for key, (label, layout) in layouts.items()}, texts, rounds, rotate)
         for key, (label, _) in layouts.items():
             result = results[key]
             section["layouts"][key] = result
@@ -625,7 +632,7 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
         print(f"[{gen}] ratios: c/a={_fmt(section['ratios']['c/a'])} "
               f"c/b={_fmt(section['ratios']['c/b'])}"
               + (f" b/bare={_fmt(section['ratios']['b/bare'])}" if args.bare else "")
-              + (f"; c/b{_fmt_paired(section['paired']['c/b'])}" if interleave else ""),
+              + (f"; c/b{_fmt_paired(section['paired']['c/b'])}" if rotate else ""),
               flush=True)
 
         if not args.mixed:
@@ -648,7 +655,7 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
                                                 {"gpu_length_sort_window": 0})}
         results = await run_layouts(
             {key: (label, settings(gen, high, **layout))
-             for key, (label, layout) in mixed_layouts.items()}, mixed_texts, rounds, interleave)
+             for key, (label, layout) in mixed_layouts.items()}, mixed_texts, rounds, rotate)
         for key, (label, _) in mixed_layouts.items():
             result = results[key]
             mixed["layouts"][key] = result
@@ -659,7 +666,7 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
                            "c/c_window0": _paired(mixed["layouts"], "c", "c_window0")}
         print(f"[{gen} mixed] ratios: c/b={_fmt(mixed['ratios']['c/b'])} "
               f"c/c_window0={_fmt(mixed['ratios']['c/c_window0'])}"
-              + (f"; c/b{_fmt_paired(mixed['paired']['c/b'])}" if interleave else ""),
+              + (f"; c/b{_fmt_paired(mixed['paired']['c/b'])}" if rotate else ""),
               flush=True)
 
 
@@ -687,10 +694,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-bare", dest="bare", action="store_false",
                         help="skip the plain summarize() loop")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="timed passes per started worker, median counts (default: 3 for "
-                             "CPU tiny, else 1)")
-    parser.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
-                        help="start a comparison's workers together and alternate their passes "
+                        help="timed passes per layout, median counts (default: 5 for CPU "
+                             "tiny, else 1)")
+    parser.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                        help="each round starts every layout afresh, in a rotated order "
                              "(default: only for --shape tiny on the CPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--verbose", action="store_true", help="streamproc's INFO logs")
