@@ -1,5 +1,4 @@
-"""Kafka clients built from the settings: security options, bounded start, topic checks,
-and the dead-letter record format."""
+"""Kafka clients built from the settings: security options, bounded start, topic checks."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from .errors import BrokerUnavailable, ConfigError, StreamprocError
 from .settings import Settings
 
 __all__ = [
-    "broker_answers", "client_options", "consumer_for", "dead_letter_headers", "ensure_topics",
+    "broker_answers", "client_options", "consumer_for", "ensure_topics",
     "producer_for", "start_with_retry",
 ]
 
@@ -125,16 +124,3 @@ async def ensure_topics(settings: Settings) -> None:
         raise StreamprocError(f"could not check topics: {exc}") from exc
     finally:
         await admin.close()
-
-
-def dead_letter_headers(error: StreamprocError, topic: str, partition: int,
-                        offset: int) -> list[tuple[str, bytes]]:
-    """Headers of a DLQ record; its value is the source record's value, byte for byte."""
-    return [
-        ("streamproc.error.class", type(error).__name__.encode()),
-        ("streamproc.error.code", error.reason_code.encode()),
-        ("streamproc.error.reason", error.reason.encode("utf-8", "replace")[:4096]),
-        ("streamproc.source.topic", topic.encode()),
-        ("streamproc.source.partition", str(partition).encode()),
-        ("streamproc.source.offset", str(offset).encode()),
-    ]

@@ -47,13 +47,15 @@ from typing import TYPE_CHECKING
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 
+from . import outputs
 from .errors import InvalidRecord, StreamprocError
-from .kafka_clients import consumer_for, dead_letter_headers, ensure_topics, start_with_retry
-from .messages import FeedItem, SourceRef, Summary, decode_feed_item
+from .kafka_clients import consumer_for, ensure_topics, start_with_retry
+from .messages import FeedItem, decode_feed_item
 from .metrics import PipelineStats
 from .offsets import PartitionState
+from .outputs import Outbound
 from .settings import Settings
-from .sinks import AtLeastOnceSink, ExactlyOnceSink, Outbound, Sink
+from .sinks import AtLeastOnceSink, ExactlyOnceSink, Sink
 
 if TYPE_CHECKING:
     from .engine import SummaryWorker
@@ -61,8 +63,6 @@ if TYPE_CHECKING:
 __all__ = ["StreamProcessor"]
 
 log = logging.getLogger("streamproc.pipeline")
-# aiokafka's default max_request_size is 1 MiB; keep room for the key and the headers.
-DLQ_MAX_VALUE_BYTES = 1024 * 1024 - 64 * 1024
 OPEN_RECORDS_PER_QUEUE_SLOT = 4
 BACKPRESSURE_CHECK_S = 0.005
 PAUSE_AFTER_S = 5.0
@@ -326,24 +326,12 @@ class StreamProcessor:
 
     def _outbound(self, entry: _Entry, summary: str | None,
                   error: StreamprocError | None) -> Outbound:
-        record = entry.record
         if error is not None:
-            headers = dead_letter_headers(error, record.topic, record.partition, record.offset)
-            value = record.value or b""
-            if len(value) > DLQ_MAX_VALUE_BYTES:  # would not fit in one produce request
-                headers.append(("streamproc.value.truncated_from", str(len(value)).encode()))
-                value = value[:DLQ_MAX_VALUE_BYTES]
-            return Outbound(record.offset, self.settings.kafka_dlq_topic, value, record.key,
-                            headers, error.reason_code, record.timestamp)
+            return outputs.dead_letter(entry.record, error, self.settings.kafka_dlq_topic)
         assert entry.item is not None and summary is not None
-        timings = {"processing": (time.monotonic() - entry.fetched_at) * 1000}
-        if record.timestamp and record.timestamp > 0:
-            timings["since_source_timestamp"] = time.time() * 1000 - record.timestamp
-        value = Summary(entry.item.id, summary, self.settings.resolved_model_name,
-                        SourceRef(record.topic, record.partition, record.offset), timings,
-                        entry.item.passthrough()).to_json()
-        return Outbound(record.offset, self.settings.kafka_output_topic, value,
-                        record.key or entry.item.id.encode(), [], None, record.timestamp)
+        return outputs.summary(entry.record, entry.item, summary,
+                               self.settings.resolved_model_name,
+                               self.settings.kafka_output_topic, entry.fetched_at)
 
     def _fail(self, error: BaseException) -> None:
         if self._fatal is None:

@@ -30,7 +30,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -39,24 +38,12 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from .kafka_clients import producer_for, start_with_retry
 from .metrics import PipelineStats
 from .offsets import PartitionState
+from .outputs import Outbound
 from .settings import Settings
 
-__all__ = ["AtLeastOnceSink", "ExactlyOnceSink", "Outbound", "Sink"]
+__all__ = ["AtLeastOnceSink", "ExactlyOnceSink", "Sink"]
 
 log = logging.getLogger("streamproc.sinks")
-
-
-@dataclass(frozen=True, slots=True)
-class Outbound:
-    """One record to write for one consumed offset."""
-
-    offset: int
-    topic: str
-    value: bytes
-    key: bytes | None
-    headers: list[tuple[str, bytes]]
-    reason_code: str | None  # None for a summary, else the dead letter's reason code
-    source_timestamp_ms: int | None = None
 
 
 class Sink:
