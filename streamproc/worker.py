@@ -5,12 +5,7 @@ device (``"cuda:0"``, ``"cpu"``); ``task(model, payloads)`` runs one batch on it
 result per payload. Both are blocking and run on the replica's own thread, never on the event
 loop. See :mod:`streamproc.planner` for how many replicas each device gets.
 
-Faults: a chunk that raises is retried whole on another healthy replica; if that also fails,
-or there is no other replica, it is bisected until the items that fail alone are found, and
-only those get an :class:`InferenceFailed`. Out-of-memory halves the chunk and retries; a
-single item that still does not fit gets :class:`ItemTooLarge`. A replica is blamed when a
-chunk it failed succeeds elsewhere, or when every item of a chunk fails on it alone; after
-``replica_max_failures`` blames in a row it leaves the rotation.
+Faults are isolated per item (see :mod:`streamproc.faults`).
 """
 
 from __future__ import annotations
@@ -20,17 +15,17 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from .autotune import TuneReport
 from .batcher import MicroBatcher
-from .errors import InferenceFailed, ItemTooLarge, NoHealthyReplica, StreamprocError, WorkerClosed
+from .errors import NoHealthyReplica, StreamprocError, WorkerClosed
+from .faults import ChunkRunner, Request
 from .layout import build_layout
 from .metrics import WorkerStats
 from .planner import DevicePlan
-from .replicas import Replica, is_out_of_memory
+from .replicas import Replica
 from .settings import GPUConfig
 
 __all__ = ["GPUWorker"]
@@ -39,13 +34,6 @@ P = TypeVar("P")
 R = TypeVar("R")
 M = TypeVar("M")
 log = logging.getLogger("streamproc.worker")
-
-
-@dataclass(slots=True)
-class _Request(Generic[P, R]):
-    payload: P
-    future: asyncio.Future[R]
-    enqueued_at: float
 
 
 class GPUWorker(Generic[M, P, R]):
@@ -69,7 +57,9 @@ class GPUWorker(Generic[M, P, R]):
         self.replicas: list[Replica[M]] = []
         self.plan: list[DevicePlan] = []
         self.stats = WorkerStats()
-        self._batcher: MicroBatcher[_Request[P, R]] | None = None
+        self._runner = ChunkRunner(self.replicas, task, self._direct, self.stats,
+                                   config.replica_max_failures)
+        self._batcher: MicroBatcher[Request[P, R]] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._state = "new"  # new -> running -> stopped
@@ -115,6 +105,8 @@ class GPUWorker(Generic[M, P, R]):
                 cost=cost_fn, sort_window=window,
                 max_cost=None if cfg.max_batch_tokens is None else cfg.max_batch_tokens * per_batch)
             self.stats = WorkerStats()
+            self._runner = ChunkRunner(self.replicas, self._task, self._direct, self.stats,
+                                       cfg.replica_max_failures)
             self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="gpuworker")
             self._state = "running"
             log.info("replica plan: %s", "; ".join(p.describe() for p in self.plan))
@@ -133,8 +125,9 @@ class GPUWorker(Generic[M, P, R]):
             except TimeoutError:
                 self._dispatcher.cancel()
                 await asyncio.gather(self._dispatcher, return_exceptions=True)
+                closed = WorkerClosed("the worker stopped before this item ran")
                 while batch := await self._batcher.next_batch():
-                    self._fail(batch, WorkerClosed("the worker stopped before this item ran"))
+                    self._runner.fail(batch, closed)
             self._close_replicas()
 
     def _close_replicas(self) -> None:
@@ -148,7 +141,7 @@ class GPUWorker(Generic[M, P, R]):
                           else self._prepare(model, payloads))
 
     # --- requests ----------------------------------------------------------------------------
-    def _request_cost(self, request: _Request[P, R]) -> int:
+    def _request_cost(self, request: Request[P, R]) -> int:
         assert self._cost is not None
         return self._cost(request.payload)
 
@@ -163,7 +156,7 @@ class GPUWorker(Generic[M, P, R]):
         if self._state != "running" or self._batcher is None:
             raise WorkerClosed("the GPUWorker is not running")
         loop, now = asyncio.get_running_loop(), time.monotonic()
-        requests = [_Request(p, loop.create_future(), now) for p in payloads]
+        requests = [Request(p, loop.create_future(), now) for p in payloads]
         try:
             await self._batcher.put_many(requests)
         except BaseException:
@@ -207,7 +200,7 @@ class GPUWorker(Generic[M, P, R]):
             self._observe_batch(live)
             healthy = [r for r in self.replicas if r.healthy]
             if not healthy:
-                self._fail(live, NoHealthyReplica("every model replica is out of rotation"))
+                self._runner.fail(live, NoHealthyReplica("every model replica is out of rotation"))
                 continue
             size = -(-len(live) // len(healthy))  # contiguous chunks, one per replica
             chunks = [live[i:i + size] for i in range(0, len(live), size)]
@@ -218,7 +211,7 @@ class GPUWorker(Generic[M, P, R]):
                     self._prep_executor, self._prepare_chunk, r, c) for r, c in pairs))
             if running is not None:
                 await running
-            running = asyncio.gather(*(self._run_chunk(r, c, prepared=p)
+            running = asyncio.gather(*(self._runner.run(r, c, prepared=p)
                                        for (r, c), p in zip(pairs, prepared, strict=True)))
             if self._prepare is None:
                 await running
@@ -226,14 +219,14 @@ class GPUWorker(Generic[M, P, R]):
         if running is not None:
             await running
 
-    def _prepare_chunk(self, replica: Replica[M], chunk: list[_Request[P, R]]) -> Any:
+    def _prepare_chunk(self, replica: Replica[M], chunk: list[Request[P, R]]) -> Any:
         assert self._prepare is not None
         try:
             return self._prepare(replica.model, [r.payload for r in chunk])
         except Exception:
             return None
 
-    def _observe_batch(self, batch: list[_Request[P, R]]) -> None:
+    def _observe_batch(self, batch: list[Request[P, R]]) -> None:
         now = time.monotonic()
         self.stats.batches += 1
         self.stats.batch_items += len(batch)
@@ -241,106 +234,6 @@ class GPUWorker(Generic[M, P, R]):
         if self._cost is not None:
             self.stats.batch_size_tokens.observe(sum(self._cost(r.payload) for r in batch))
         self.stats.queue_wait.observe(now - min(r.enqueued_at for r in batch))
-
-    async def _call(self, replica: Replica[M], chunk: list[_Request[P, R]],
-                    prepared: Any = None) -> Sequence[R]:
-        loop = asyncio.get_running_loop()
-        started = replica.busy_since = time.monotonic()
-        self.stats.model_calls += 1
-        try:
-            if prepared is not None:
-                results = await loop.run_in_executor(
-                    replica.executor, self._task, replica.model, prepared)
-            else:
-                results = await loop.run_in_executor(
-                    replica.executor, self._direct, replica.model, [r.payload for r in chunk])
-        finally:
-            replica.busy_since = None
-            elapsed = time.monotonic() - started
-            self.stats.inference_seconds += elapsed
-            self.stats.batch_inference.observe(elapsed)
-        if len(results) != len(chunk):
-            raise InferenceFailed(f"the task returned {len(results)} results for {len(chunk)}")
-        return results
-
-    async def _run_chunk(self, replica: Replica[M], chunk: list[_Request[P, R]],
-                         retried: bool = False, prepared: Any = None) -> None:
-        if not chunk:
-            return
-        if not replica.healthy:  # left the rotation while this chunk was being prepared
-            replica = next((r for r in self.replicas if r.healthy), replica)
-            prepared = None
-        try:
-            results = await self._call(replica, chunk, prepared)
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                await self._split_on_oom(replica, chunk, exc)
-                return
-            other = next((r for r in self.replicas if r.healthy and r is not replica), None)
-            if other is not None and not retried:
-                self.stats.chunk_retries += 1
-                if await self._try_chunk(other, chunk):
-                    replica.blame(exc, self.config.replica_max_failures)
-                    return
-                replica = other
-            failed = await self._isolate(replica, chunk)
-            if failed == len(chunk) > 1:
-                replica.blame(exc, self.config.replica_max_failures)
-            return
-        replica.succeeded()
-        self._resolve(chunk, results)
-
-    async def _try_chunk(self, replica: Replica[M], chunk: list[_Request[P, R]]) -> bool:
-        try:
-            results = await self._call(replica, chunk)
-        except Exception:
-            return False
-        replica.succeeded()
-        self._resolve(chunk, results)
-        return True
-
-    async def _isolate(self, replica: Replica[M], chunk: list[_Request[P, R]]) -> int:
-        """Bisect a failing chunk; fail only the items that fail alone. Returns their count."""
-        if len(chunk) == 1:
-            try:
-                self._resolve(chunk, await self._call(replica, chunk))
-                return 0
-            except Exception as exc:
-                if is_out_of_memory(exc):
-                    error: StreamprocError = ItemTooLarge(f"out of memory on a single item: {exc}")
-                else:
-                    error = InferenceFailed(f"{type(exc).__name__}: {exc}")
-                self._fail(chunk, error)
-                return 1
-        half = len(chunk) // 2
-        failed = 0
-        for part in (chunk[:half], chunk[half:]):
-            if not await self._try_chunk(replica, part):
-                failed += await self._isolate(replica, part)
-        return failed
-
-    async def _split_on_oom(self, replica: Replica[M], chunk: list[_Request[P, R]],
-                            exc: BaseException) -> None:
-        if len(chunk) == 1:
-            self._fail(chunk, ItemTooLarge(f"out of memory on a single item: {exc}"))
-            return
-        self.stats.oom_splits += 1
-        log.warning("%s: out of memory on %d items; splitting", replica.name, len(chunk))
-        half = len(chunk) // 2
-        for part in (chunk[:half], chunk[half:]):
-            await self._run_chunk(replica, part, retried=True)
-
-    def _resolve(self, chunk: list[_Request[P, R]], results: Sequence[R]) -> None:
-        for request, result in zip(chunk, results, strict=True):
-            if not request.future.done():
-                request.future.set_result(result)
-                self.stats.total_inferences += 1
-
-    def _fail(self, chunk: list[_Request[P, R]], error: StreamprocError) -> None:
-        for request in chunk:
-            if not request.future.done():
-                request.future.set_exception(error)
-                self.stats.failures += 1
 
     # --- metrics -----------------------------------------------------------------------------
     def longest_running_call_s(self) -> float:
