@@ -212,6 +212,9 @@ async def test_metrics_count_what_went_through(kafka_bootstrap: str) -> None:
     # /metrics reads the very counters get_metrics() and the processor's stats read.
     assert worker.get_metrics()["total_inferences"] == value(after, "streamproc_inferences_total")
     assert processor.stats.consumed == value(after, "streamproc_items_consumed_total")
+    assert ("streamproc_backpressure_seconds_total", frozenset()) in after
+    assert processor.stats.backpressure_seconds == value(
+        after, "streamproc_backpressure_seconds_total")
     assert stopping is not None and stopping[0] == 503 and "shutting down" in stopping[1]
     # And the topics hold what the counters say.
     assert len(await read_all(kafka_bootstrap, settings.kafka_output_topic)) == n_good
