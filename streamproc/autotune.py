@@ -1,9 +1,14 @@
 """Start-up calibration: measure, don't guess.
 
-On a CUDA device, with warm-up on and neither ``GPU_BATCH_SIZE`` nor ``GPU_MAX_BATCH_TOKENS``
-set explicitly, the worker times candidate batch sizes on its first replica (max-length
-inputs, each twice, the faster run counts) and keeps the fastest. It stops growing once a
-size runs out of memory, falls below 90% of the best so far, or the time budget is spent.
+With warm-up on and neither ``GPU_BATCH_SIZE`` nor ``GPU_MAX_BATCH_TOKENS`` set explicitly,
+the worker times candidate batch sizes on its first replica (max-length inputs, each twice,
+the faster run counts) and keeps the fastest. It stops growing once a size runs out of
+memory, falls below 90% of the best so far, or would not finish within the time budget: each
+size's time is predicted from the last one measured (or, for the first, from the warm-up), in
+proportion to its items. A device too slow for even the first size keeps ``GPU_BATCH_SIZE``.
+CUDA devices get ``GPU_CANDIDATES`` and ``GPU_BUDGET_S``; the CPU gets fewer sizes and a
+short budget, so a model that is fast on the CPU (tests, demos) is tuned and a large one is
+left alone.
 When the plan allows more than one replica, they are then timed together against the single
 replica, and kept only if they add at least 10%: replicas in threads of one process share
 the GIL, and the brief's measurements showed them slower than one replica with a larger
@@ -22,11 +27,15 @@ from typing import Any, TypeVar
 from .planner import GIB
 from .replicas import Replica, is_out_of_memory
 
-__all__ = ["GPU_CANDIDATES", "TuneReport", "tune_batch_size", "tune_replicas"]
+__all__ = ["CPU_BUDGET_S", "CPU_CANDIDATES", "GPU_BUDGET_S", "GPU_CANDIDATES", "TuneReport",
+           "tune_batch_size", "tune_replicas"]
 
 M = TypeVar("M")
 log = logging.getLogger("streamproc.autotune")
 GPU_CANDIDATES = (48, 64, 96, 128, 192, 256, 384, 512, 768)
+GPU_BUDGET_S = 120.0
+CPU_CANDIDATES = (48, 96, 192, 384)
+CPU_BUDGET_S = 15.0
 REPLICA_GAIN_REQUIRED = 1.10
 
 
@@ -71,12 +80,22 @@ def _timed_run(replica: Replica[M], direct: Callable[[M, list[Any]], Sequence[An
 
 async def tune_batch_size(replica: Replica[M], direct: Callable[[M, list[Any]], Sequence[Any]],
                           samples: Sequence[Any], budget_s: float,
-                          candidates: Sequence[int] | None = None) -> TuneReport:
+                          candidates: Sequence[int] | None = None,
+                          warmup: tuple[int, float] | None = None) -> TuneReport:
+    """``warmup``: (items, seconds) of a batch already run, to predict the first size's time;
+    without it the first size always runs."""
     loop = asyncio.get_running_loop()
     report = TuneReport()
     candidates = GPU_CANDIDATES if candidates is None else candidates
     deadline = time.monotonic() + budget_s
+    last = warmup
     for size in candidates:
+        if last is not None and last[0] > 0:
+            predicted = 2 * last[1] * size / last[0]
+            if time.monotonic() + predicted > deadline:
+                report.stopped_because = (f"batch {size} would take about {predicted:.1f} s, "
+                                          f"past the {budget_s:.0f} s budget")
+                break
         batch = [samples[i % len(samples)] for i in range(size)]
         try:
             runs = [await loop.run_in_executor(replica.executor, _timed_run, replica, direct,
@@ -87,6 +106,7 @@ async def tune_batch_size(replica: Replica[M], direct: Callable[[M, list[Any]], 
             report.stopped_because = f"batch {size} ran out of memory"
             break
         seconds = min(r[0] for r in runs)
+        last = (size, seconds)
         report.items_per_second[size] = size / seconds
         report.peak_activation_gb[size] = max(r[1] for r in runs)
         best = max(report.items_per_second.values())
@@ -98,6 +118,10 @@ async def tune_batch_size(replica: Replica[M], direct: Callable[[M, list[Any]], 
             break
     else:
         report.stopped_because = "all candidates measured"
+    if not report.items_per_second:
+        log.info("autotune: no batch size measured (%s); keeping the configured one",
+                 report.stopped_because)
+        return report
     report.batch_size = max(report.items_per_second, key=lambda b: report.items_per_second[b])
     log.info("autotune: batch %d is fastest (%s; %s)", report.batch_size,
              ", ".join(f"{b}: {v:.1f}/s" for b, v in report.items_per_second.items()),

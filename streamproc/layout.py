@@ -1,7 +1,7 @@
 """Building the replica layout: probe, load, warm up, calibrate, plan.
 
 For each device: load the first replica and measure its footprint (free memory before and
-after); run its warm-up batch and measure the peak activations; on the first CUDA device,
+after); run its warm-up batch and measure the peak activations; on the first device,
 calibrate the batch size (:mod:`streamproc.autotune`); plan the device with the measured
 numbers (:func:`streamproc.planner.plan_device`); load the remaining replicas; and keep them
 only if they earn their place.
@@ -12,19 +12,27 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from .autotune import TuneReport, tune_batch_size, tune_replicas
+from .autotune import (
+    CPU_BUDGET_S,
+    CPU_CANDIDATES,
+    GPU_BUDGET_S,
+    GPU_CANDIDATES,
+    TuneReport,
+    tune_batch_size,
+    tune_replicas,
+)
 from .planner import DevicePlan, plan_device, probe_memory, resolve_devices
-from .replicas import Replica, measure_warmup
+from .replicas import Replica, measure_warmup, warmup_items
 from .settings import GPUConfig
 
-__all__ = ["AUTOTUNE_BUDGET_S", "build_layout"]
+__all__ = ["build_layout"]
 
 M = TypeVar("M")
 log = logging.getLogger("streamproc.layout")
-AUTOTUNE_BUDGET_S = 120.0
 
 
 async def build_layout(
@@ -52,14 +60,19 @@ async def _load_device(
     first = await Replica.load(loader, device, len(replicas), loop)
     replicas.append(first)
     after_load = probe_memory(device)
+    began = time.perf_counter()
     activation_gb = await measure_warmup(first, direct, cfg, loop)
-    if (cfg.autotune and cfg.enable_warmup and cfg.warmup_payloads and report is None
-            and device.startswith("cuda")):  # the CPU keeps GPU_BATCH_SIZE
-        report = await tune_batch_size(first, direct, cfg.warmup_payloads, AUTOTUNE_BUDGET_S,
-                                       cfg.autotune_candidates)
-        assert report.batch_size is not None
-        cfg = dataclasses.replace(cfg, batch_size=report.batch_size)
-        activation_gb = report.peak_activation_gb[cfg.batch_size]
+    warmup = (warmup_items(device, cfg), time.perf_counter() - began)
+    if cfg.autotune and cfg.enable_warmup and cfg.warmup_payloads and report is None:
+        cuda = device.startswith("cuda")
+        candidates = cfg.autotune_candidates or (GPU_CANDIDATES if cuda else CPU_CANDIDATES)
+        # A batch never holds more than the queue does.
+        fitting = [size for size in candidates if size <= cfg.queue_size] or [cfg.queue_size]
+        report = await tune_batch_size(first, direct, cfg.warmup_payloads,
+                                       GPU_BUDGET_S if cuda else CPU_BUDGET_S, fitting, warmup)
+        if report.batch_size is not None:
+            cfg = dataclasses.replace(cfg, batch_size=report.batch_size)
+            activation_gb = report.peak_activation_gb[cfg.batch_size]
     model_gb = None
     if before.free_gb is not None and after_load.free_gb is not None:
         model_gb = max(before.free_gb - after_load.free_gb, 0.01)

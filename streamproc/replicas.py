@@ -13,7 +13,7 @@ from .errors import OutOfMemory
 from .planner import GIB
 from .settings import GPUConfig
 
-__all__ = ["Replica", "is_out_of_memory", "measure_warmup"]
+__all__ = ["Replica", "is_out_of_memory", "measure_warmup", "warmup_items"]
 
 M = TypeVar("M")
 log = logging.getLogger("streamproc.replicas")
@@ -83,6 +83,14 @@ class Replica(Generic[M]):
                 "blames": self.blames, "last_error": self.last_error}
 
 
+def warmup_items(device: str, config: GPUConfig) -> int:
+    """How many items the warm-up batch holds on ``device`` (0 when it does not run)."""
+    if not config.enable_warmup:
+        return 0
+    count = len(config.warmup_payloads)
+    return count if device.startswith("cuda") else min(count, CPU_WARMUP_ITEMS)
+
+
 async def measure_warmup(replica: Replica[M], task: Callable[[M, list[Any]], Sequence[Any]],
                          config: GPUConfig, loop: asyncio.AbstractEventLoop) -> float:
     """Run the warm-up batch (when enabled); return its peak activation memory in GiB."""
@@ -94,8 +102,8 @@ async def measure_warmup(replica: Replica[M], task: Callable[[M, list[Any]], Seq
         return 0.0
 
     on_gpu = replica.device.startswith("cuda")
-    if not on_gpu:  # no VRAM to plan from on the CPU: a short batch only loads the code paths
-        payloads = payloads[:CPU_WARMUP_ITEMS]
+    # no VRAM to plan from on the CPU: a short batch only loads the code paths
+    payloads = payloads[:warmup_items(replica.device, config)]
 
     def run() -> float:
         if not on_gpu:

@@ -187,7 +187,7 @@ class GPUConfig:
     max_batch_tokens: int | None = None
     length_sort_window: int | None = None  # None: 4 x batch_size when a cost function is given
     autotune: bool = False
-    autotune_candidates: tuple[int, ...] | None = None  # None: autotune.GPU_CANDIDATES
+    autotune_candidates: tuple[int, ...] | None = None  # None: autotune.{GPU,CPU}_CANDIDATES
     replica_max_failures: int = 3
     warmup_payloads: tuple[Any, ...] = field(default=())
 

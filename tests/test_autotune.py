@@ -62,3 +62,29 @@ async def test_replicas_that_serialize_do_not() -> None:
     report = TuneReport()
     keep = await tune_replicas(group, serialized, ["x"], 8, report)
     assert keep == 1, report.replicas_items_per_second
+
+
+async def test_a_first_size_predicted_past_the_budget_is_not_run() -> None:
+    calls: list[int] = []
+
+    def counted(model: object, batch: list[str]) -> list[str]:
+        calls.append(len(batch))
+        return batch
+
+    # A warm-up of 2 items took 1 s: batch 48 twice would take about 48 s, past 15 s.
+    report = await tune_batch_size(replica(0, None), counted, ["x"], budget_s=15,
+                                   candidates=(48, 96), warmup=(2, 1.0))
+    assert calls == [] and report.batch_size is None and not report.items_per_second
+    assert "past the 15 s budget" in report.stopped_because
+
+
+async def test_growth_stops_before_a_size_predicted_past_the_budget() -> None:
+    def per_item(model: object, batch: list[str]) -> list[str]:
+        time.sleep(0.004 * len(batch))  # 10 items: 0.04 s; 80 items would take 0.32 s x 2
+        return batch
+
+    report = await tune_batch_size(replica(0, None), per_item, ["x"], budget_s=0.5,
+                                   candidates=(10, 20, 80), warmup=(1, 0.004))
+    assert list(report.items_per_second) == [10, 20]
+    assert report.stopped_because.startswith("batch 80 would take about")
+    assert report.batch_size in (10, 20)

@@ -36,7 +36,10 @@ def test_engine_bench_tiny_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str
             assert _positive(fixed["layouts"][layout]), (gen, layout, fixed["layouts"][layout])
         assert fixed["layouts"]["a"]["replicas"] == 2  # the CPU stand-in for the VRAM plan
         assert fixed["layouts"]["b"]["replicas"] == 1
-        assert fixed["layouts"]["c"]["batch_size"] == 48
+        tune = fixed["layouts"]["c"]["autotune"]  # the CPU calibrates too, within its budget
+        assert tune["items_per_second_by_batch"] and tune["batch_size"] in (48, 96, 192, 384)
+        assert fixed["layouts"]["c"]["batch_size"] == tune["batch_size"]
+        assert fixed["layouts"]["b"]["autotune"] is None
         assert fixed["ratios"]["c/a"] > 0 and fixed["ratios"]["c/b"] > 0
         mixed = report["mixed"][gen]
         for layout in ("b", "c", "c_window0"):

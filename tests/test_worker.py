@@ -217,3 +217,29 @@ async def test_submit_many_cancelled_while_waiting_skips_what_it_had_queued() ->
         assert await worker.infer("after") == "AFTER@0"
     ran = [p for call in loader.models[0].calls for p in call]
     assert ran == ["running", "after"]  # m0 and m1 were queued, then skipped
+
+
+async def test_on_the_cpu_a_fast_model_is_calibrated_and_a_slow_one_is_not() -> None:
+    def fixed_cost(model: EchoModel, payloads: list[str]) -> list[str]:
+        threading.Event().wait(0.002)  # per call, not per item: bigger batches win
+        return echo_task(model, payloads)
+
+    warm = {"enable_warmup": True, "autotune": True, "warmup_payloads": ("w",) * 8,
+            "pool_max_instances": 1, "autotune_candidates": (8, 16, 32)}
+    async with GPUWorker(Loader(), cpu_config(**warm), fixed_cost) as fast:
+        assert fast.autotune is not None and fast.autotune.batch_size == 32
+        assert fast.config.batch_size == 32
+        assert (await fast.infer("x")).startswith("X@")
+    async with GPUWorker(Loader(), cpu_config(**warm, queue_size=16), fixed_cost) as capped:
+        assert capped.config.batch_size == 16  # no batch bigger than the queue
+
+    def slow_warmup(model: EchoModel, payloads: list[str]) -> list[str]:
+        threading.Event().wait(1.0 if payloads == ["w", "w"] else 0)  # 2 warm-up items: 1 s
+        return echo_task(model, payloads)
+
+    # Batch 16 at the warm-up's 0.5 s an item, twice: about 16 s, past the CPU's 15 s.
+    slow_config = cpu_config(**{**warm, "autotune_candidates": (16, 32)})
+    async with GPUWorker(Loader(), slow_config, slow_warmup) as slow:
+        assert slow.autotune is not None and slow.autotune.batch_size is None
+        assert slow.config.batch_size == 8  # GPU_BATCH_SIZE kept
+        assert "budget" in slow.autotune.stopped_because
