@@ -35,22 +35,20 @@ partition and commit interval: the outputs, the dead letters and the consumed of
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING
 
-from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
 from . import outputs
 from .errors import InvalidRecord, StreamprocError
+from .intake import Entry, Intake
 from .kafka_clients import consumer_for, ensure_topics, start_with_retry
-from .messages import FeedItem, decode_feed_item
 from .metrics import PipelineStats
 from .offsets import PartitionState
 from .outputs import Outbound
@@ -63,20 +61,6 @@ if TYPE_CHECKING:
 __all__ = ["StreamProcessor"]
 
 log = logging.getLogger("streamproc.pipeline")
-OPEN_RECORDS_PER_QUEUE_SLOT = 4
-BACKPRESSURE_CHECK_S = 0.005
-PAUSE_AFTER_S = 5.0
-
-
-@dataclass(slots=True)
-class _Entry:
-    tp: TopicPartition
-    generation: int
-    record: ConsumerRecord[bytes, bytes]
-    fetched_at: float
-    item: FeedItem | None = None
-    outcome: asyncio.Future[str] | None = None
-    error: StreamprocError | None = None
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -110,9 +94,9 @@ class StreamProcessor:
             self.sink = AtLeastOnceSink(settings, self.consumer, self.stats, self._fail)
         self._partitions: dict[TopicPartition, PartitionState] = {}
         self._generations = itertools.count()
-        self._pending: collections.deque[_Entry | None] = collections.deque()  # fetch order
-        self._pending_ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self.intake = Intake(settings, self.consumer, worker, self.stats, self._partitions,
+                             self._stop)
         self._closing = asyncio.Event()
         self._abandoned = False
         self.joined = asyncio.Event()  # set once the group has handed out an assignment
@@ -174,11 +158,10 @@ class StreamProcessor:
         async with asyncio.TaskGroup() as group:
             emitter = group.create_task(self._emit_loop(), name="emit")
             group.create_task(self._commit_loop(), name="commit")
-            await self._fetch_loop()
+            await self.intake.run()
             if not await self._drain(self.settings.shutdown_timeout_s):
                 self._abandon()
-            self._pending.append(None)
-            self._pending_ready.set()
+            self.intake.close()
             await emitter
             self._closing.set()
             self.sink.commit_due.set()  # wake the commit loop so it sees the closing
@@ -190,101 +173,15 @@ class StreamProcessor:
     async def commit(self) -> None:
         await self.sink.commit(dict(self._partitions))
 
-    # --- fetch ------------------------------------------------------------------------------
-    async def _fetch_loop(self) -> None:
-        while not self._stop.is_set():
-            if self._busy():
-                await self._wait_for_room()
-                continue
-            await self._fetch(timeout_ms=200)
-
-    async def _fetch(self, timeout_ms: int) -> None:
-        batches = await self.consumer.getmany(
-            timeout_ms=timeout_ms, max_records=self.settings.kafka_max_poll_records)
-        for tp, records in batches.items():
-            partition = self._partitions.get(tp)
-            if partition is not None and partition.accepting:  # else revoked or rewound
-                await self._accept(tp, partition, records)
-
-    def _busy(self) -> bool:
-        """The worker's queue is full, or more than ``OPEN_RECORDS_PER_QUEUE_SLOT x
-        GPU_QUEUE_SIZE`` records are open (results and acks in flight)."""
-        limit = OPEN_RECORDS_PER_QUEUE_SLOT * self.settings.gpu_queue_size
-        return self.worker.queue_full() or self.in_flight() >= limit
-
-    def _has_room(self) -> bool:
-        """Both the queue and the open records are down to half their limits."""
-        queue = self.settings.gpu_queue_size
-        return (self.worker.queue_depth() <= queue // 2
-                and self.in_flight() <= OPEN_RECORDS_PER_QUEUE_SLOT * queue // 2)
-
-    async def _wait_for_room(self) -> None:
-        """Backpressure: stop fetching until :meth:`_has_room`, checking every
-        ``BACKPRESSURE_CHECK_S``. A short wait needs no more: aiokafka heartbeats on its own
-        task and holds what it prefetched. Past ``PAUSE_AFTER_S`` the partitions are paused
-        and ``getmany`` keeps being called (it returns nothing), so the group does not count
-        the consumer as stuck (``max.poll.interval.ms``). Pausing is kept for long waits
-        because it costs: aiokafka drops what it prefetched and fetches it again on resume."""
-        since = time.monotonic()
-        while not self._stop.is_set() and not self._has_room():
-            if not self.stats.paused and time.monotonic() - since >= PAUSE_AFTER_S:
-                self.consumer.pause(*self.consumer.assignment())
-                self.stats.paused = True
-                self.stats.pauses += 1
-                log.info("backpressure: pausing fetch (%d records open, %d queued)",
-                         self.in_flight(), self.worker.queue_depth())
-            if self.stats.paused:
-                await self._fetch(timeout_ms=int(BACKPRESSURE_CHECK_S * 1000))  # returns none
-            else:
-                await asyncio.sleep(BACKPRESSURE_CHECK_S)
-        self.stats.backpressure_seconds += time.monotonic() - since
-        if self.stats.paused:
-            self.consumer.resume(*self._partitions)
-            self.stats.paused = False
-            log.info("backpressure: resuming fetch")
-
-    async def _accept(self, tp: TopicPartition, partition: PartitionState,
-                      records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        """Register one partition's fetched records as open, decode them, and submit the
-        valid ones to the worker in one call; all of them then wait for the emitter."""
-        fetched_at, generation = time.monotonic(), partition.generation
-        entries: list[_Entry] = []
-        for record in records:
-            partition.tracker.add(record.offset)
-            entry = _Entry(tp, generation, record, fetched_at)
-            try:
-                entry.item = decode_feed_item(record.value,
-                                              max_input_bytes=self.settings.max_input_bytes)
-            except InvalidRecord as exc:
-                entry.error = exc
-            entries.append(entry)
-        partition.unemitted += len(entries)
-        self.stats.consumed += len(entries)
-        valid = [entry for entry in entries if entry.item is not None]
-        futures = await self.worker.submit_many([entry.item.text for entry in valid
-                                                 if entry.item is not None])
-        for entry, future in zip(valid, futures, strict=True):
-            entry.outcome = future
-        self._pending.extend(entries)
-        self._pending_ready.set()
-
     def _abandon(self) -> None:
         """Past the drain deadline: give up on the results not in yet. The worker skips their
         items; their partitions write nothing more, so nothing past them is committed."""
         self._abandoned = True
-        for entry in self._pending:
-            if entry is not None and entry.outcome is not None:
-                entry.outcome.cancel()
+        self.intake.cancel_pending()
 
     # --- emit -------------------------------------------------------------------------------
     async def _emit_loop(self) -> None:
-        pending = self._pending
-        while True:
-            while not pending:
-                self._pending_ready.clear()
-                await self._pending_ready.wait()
-            if (entry := pending.popleft()) is None:
-                return
+        while (entry := await self.intake.next()) is not None:
             error = entry.error
             summary: str | None = None
             abandoned = False
@@ -324,7 +221,7 @@ class StreamProcessor:
                 partition.blocked = True
                 self._fail(exc)
 
-    def _outbound(self, entry: _Entry, summary: str | None,
+    def _outbound(self, entry: Entry, summary: str | None,
                   error: StreamprocError | None) -> Outbound:
         if error is not None:
             return outputs.dead_letter(entry.record, error, self.settings.kafka_dlq_topic)

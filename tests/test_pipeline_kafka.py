@@ -25,7 +25,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
-from streamproc import pipeline
+from streamproc import intake
 from streamproc.engine import SummaryWorker, build_worker
 from streamproc.pipeline import StreamProcessor
 from streamproc.settings import GPUConfig, Settings
@@ -494,7 +494,7 @@ async def test_backpressure_bounds_open_records_and_pauses_only_long_stalls(
     records are open, and every record is still answered once. Short waits do not pause the
     partitions; a stall longer than ``PAUSE_AFTER_S`` does, and fetching resumes after it."""
     n, queue, poll = 300, 20, 10
-    monkeypatch.setattr(pipeline, "PAUSE_AFTER_S", 0.05 if long_stall else 60.0)
+    monkeypatch.setattr(intake, "PAUSE_AFTER_S", 0.05 if long_stall else 60.0)
     settings = make_settings(kafka_bootstrap, gpu_queue_size=queue,
                              kafka_max_poll_records=poll)
     await create_topics(settings)
@@ -513,7 +513,7 @@ async def test_backpressure_bounds_open_records_and_pauses_only_long_stalls(
         await wait_for(watch, 60, "every answer")
         assert not processor.stats.paused, "fetching did not resume"
         assert not processor.consumer.paused()
-    limit = pipeline.OPEN_RECORDS_PER_QUEUE_SLOT * queue
+    limit = intake.OPEN_RECORDS_PER_QUEUE_SLOT * queue
     assert 0 < most_open <= limit + poll  # one poll may land past the limit
     assert processor.stats.backpressure_seconds > 0
     assert (processor.stats.pauses > 0) is long_stall
