@@ -68,12 +68,7 @@ class MicroBatcher(Generic[T]):
 
     async def put(self, item: T) -> None:
         """Add one item, waiting while the buffer is full."""
-        while self.full():
-            if self._closed:
-                raise WorkerClosed("batcher is closed")
-            self._not_full.clear()
-            await self._not_full.wait()
-        self.put_nowait(item)
+        await self.put_many((item,))
 
     async def put_many(self, items: Sequence[T]) -> None:
         """Add items in order, each as soon as there is room (waiting while full)."""
@@ -84,22 +79,22 @@ class MicroBatcher(Generic[T]):
                     raise WorkerClosed("batcher is closed")
                 self._not_full.clear()
                 await self._not_full.wait()
-            if self._closed:
-                raise WorkerClosed("batcher is closed")
             room = self.maxsize - len(self._items)
-            now, cost = self._clock(), self._cost
-            self._items.extend((now, 0 if cost is None else cost(item), item)
-                               for item in items[start:start + room])
+            self._append(items[start:start + room])
             start += room
-            self._not_empty.set()
 
     def put_nowait(self, item: T) -> None:
+        if self.full() and not self._closed:
+            raise asyncio.QueueFull
+        self._append((item,))
+
+    def _append(self, items: Sequence[T]) -> None:
+        """Enqueue items that fit, stamped with one arrival time; each cost is computed here,
+        once, not on every look at the window."""
         if self._closed:
             raise WorkerClosed("batcher is closed")
-        if self.full():
-            raise asyncio.QueueFull
-        cost = 0 if self._cost is None else self._cost(item)  # once per item, not per look
-        self._items.append((self._clock(), cost, item))
+        now, cost = self._clock(), self._cost
+        self._items.extend((now, 0 if cost is None else cost(item), item) for item in items)
         self._not_empty.set()
 
     def close(self) -> None:
