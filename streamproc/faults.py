@@ -50,7 +50,7 @@ class ChunkRunner(Generic[M, P, R]):
         self.max_failures = max_failures
 
     async def call(self, replica: Replica[M], chunk: list[Request[P, R]],
-                    prepared: Any = None) -> Sequence[R]:
+                   prepared: Any = None) -> Sequence[R]:
         loop = asyncio.get_running_loop()
         started = replica.busy_since = time.monotonic()
         self.stats.model_calls += 1
@@ -71,7 +71,7 @@ class ChunkRunner(Generic[M, P, R]):
         return results
 
     async def run(self, replica: Replica[M], chunk: list[Request[P, R]],
-                         retried: bool = False, prepared: Any = None) -> None:
+                  retried: bool = False, prepared: Any = None) -> None:
         if not chunk:
             return
         if not replica.healthy:  # left the rotation while this chunk was being prepared

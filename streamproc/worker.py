@@ -57,8 +57,7 @@ class GPUWorker(Generic[M, P, R]):
         self.replicas: list[Replica[M]] = []
         self.plan: list[DevicePlan] = []
         self.stats = WorkerStats()
-        self._runner = ChunkRunner(self.replicas, task, self._direct, self.stats,
-                                   config.replica_max_failures)
+        self._runner: ChunkRunner[M, P, R] | None = None  # built by start(), with its stats
         self._batcher: MicroBatcher[Request[P, R]] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -119,6 +118,7 @@ class GPUWorker(Generic[M, P, R]):
                 return
             self._state = "stopped"
             assert self._batcher is not None and self._dispatcher is not None
+            assert self._runner is not None
             self._batcher.close()
             try:
                 await asyncio.wait_for(asyncio.shield(self._dispatcher), drain_s)
@@ -190,8 +190,8 @@ class GPUWorker(Generic[M, P, R]):
         """Take a batch, split it into one contiguous chunk per healthy replica, run them.
         With a ``prepare`` step, the next batch is prepared (tokenized, padded) on its own
         thread while the replicas run the current one."""
-        assert self._batcher is not None
-        loop = asyncio.get_running_loop()
+        assert self._batcher is not None and self._runner is not None
+        runner, loop = self._runner, asyncio.get_running_loop()
         running: asyncio.Future[Any] | None = None
         while batch := await self._batcher.next_batch():
             live = [r for r in batch if not r.future.done()]  # callers may have given up
@@ -200,7 +200,7 @@ class GPUWorker(Generic[M, P, R]):
             self._observe_batch(live)
             healthy = [r for r in self.replicas if r.healthy]
             if not healthy:
-                self._runner.fail(live, NoHealthyReplica("every model replica is out of rotation"))
+                runner.fail(live, NoHealthyReplica("every model replica is out of rotation"))
                 continue
             size = -(-len(live) // len(healthy))  # contiguous chunks, one per replica
             chunks = [live[i:i + size] for i in range(0, len(live), size)]
@@ -211,7 +211,7 @@ class GPUWorker(Generic[M, P, R]):
                     self._prep_executor, self._prepare_chunk, r, c) for r, c in pairs))
             if running is not None:
                 await running
-            running = asyncio.gather(*(self._runner.run(r, c, prepared=p)
+            running = asyncio.gather(*(runner.run(r, c, prepared=p)
                                        for (r, c), p in zip(pairs, prepared, strict=True)))
             if self._prepare is None:
                 await running
