@@ -67,7 +67,8 @@ class Intake:
         self.pending: collections.deque[Entry | None] = collections.deque()  # fetch order
         self.ready = asyncio.Event()
 
-    def _in_flight(self) -> int:
+    def in_flight(self) -> int:
+        """Records fetched and not yet settled, over every assigned partition."""
         return sum(p.tracker.in_flight for p in self.partitions.values())
 
     def close(self) -> None:
@@ -108,13 +109,13 @@ class Intake:
         """The worker's queue is full, or more than ``OPEN_RECORDS_PER_QUEUE_SLOT x
         GPU_QUEUE_SIZE`` records are open (results and acks in flight)."""
         limit = OPEN_RECORDS_PER_QUEUE_SLOT * self.settings.gpu_queue_size
-        return self.worker.queue_full() or self._in_flight() >= limit
+        return self.worker.queue_full() or self.in_flight() >= limit
 
     def _has_room(self) -> bool:
         """Both the queue and the open records are down to half their limits."""
         queue = self.settings.gpu_queue_size
         return (self.worker.queue_depth() <= queue // 2
-                and self._in_flight() <= OPEN_RECORDS_PER_QUEUE_SLOT * queue // 2)
+                and self.in_flight() <= OPEN_RECORDS_PER_QUEUE_SLOT * queue // 2)
 
     async def _wait_for_room(self) -> None:
         """Backpressure: stop fetching until :meth:`_has_room`, checking every
@@ -130,7 +131,7 @@ class Intake:
                 self.stats.paused = True
                 self.stats.pauses += 1
                 log.info("backpressure: pausing fetch (%d records open, %d queued)",
-                         self._in_flight(), self.worker.queue_depth())
+                         self.in_flight(), self.worker.queue_depth())
             if self.stats.paused:
                 await self._fetch(timeout_ms=int(BACKPRESSURE_CHECK_S * 1000))  # returns none
             else:

@@ -150,7 +150,7 @@ class StreamProcessor:
         return sorted(self._partitions)
 
     def in_flight(self) -> int:
-        return sum(p.tracker.in_flight for p in self._partitions.values())
+        return self.intake.in_flight()
 
     async def run(self) -> None:
         """Process until :meth:`request_stop`, then drain, flush, commit. Raises a fatal error
