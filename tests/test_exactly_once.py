@@ -23,11 +23,10 @@ from aiokafka.errors import KafkaError
 from streamproc.engine import SummaryWorker
 from streamproc.kafka_clients import producer_for
 from streamproc.pipeline import StreamProcessor
-from streamproc.settings import GPUConfig, Settings
+from streamproc.settings import Settings
 from streamproc.sinks import ExactlyOnceSink
-from streamproc.summarizers import IdentitySummarizer, Summarizer, summarize_batch
-from streamproc.worker import GPUWorker
 from tests.kafka_broker import create_topic, read_all, unique_topic
+from tests.pipeline_helpers import identity_worker, running
 
 pytestmark = pytest.mark.kafka
 
@@ -54,15 +53,8 @@ def eos_settings(bootstrap: str, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
-def identity_worker(delay_s: float = 0.0) -> SummaryWorker:
-    def task(model: Summarizer, texts: list[str]) -> list[str]:
-        if delay_s:
-            time.sleep(delay_s)
-        return summarize_batch(model, texts)
-
-    config = GPUConfig(device_ids="cpu", batch_size=8, max_delay_ms=10, enable_warmup=False,
-                       use_fp16=False)
-    return GPUWorker(IdentitySummarizer, config, task)
+def eos_worker(delay_s: float = 0.0) -> SummaryWorker:
+    return identity_worker(delay_s=delay_s, max_delay_ms=10)
 
 
 def items(n: int, prefix: str) -> list[tuple[bytes, bytes]]:
@@ -127,24 +119,13 @@ async def wait_for_output(settings: Settings, n: int, timeout_s: float = 90) -> 
 
 
 @asynccontextmanager
-async def running(settings: Settings, worker: SummaryWorker | None = None) -> AsyncIterator[
-        StreamProcessor]:
+async def running_processor(settings: Settings, worker: SummaryWorker | None = None
+                            ) -> AsyncIterator[StreamProcessor]:
     """A started processor with ``run()`` in a task; on exit: stop, drain, commit, close."""
-    async with worker or identity_worker() as started_worker:
+    async with worker or eos_worker() as started_worker:
         processor = StreamProcessor(settings, started_worker)
-        await asyncio.wait_for(processor.start(), 60)
-        task = asyncio.create_task(processor.run())
-        try:
+        async with running(processor):
             yield processor
-        finally:
-            processor.request_stop()
-            try:
-                await asyncio.wait_for(asyncio.shield(task), 60)
-            finally:
-                if not task.done():
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
-                await asyncio.wait_for(processor.stop(), 30)
 
 
 # --- round trip ----------------------------------------------------------------------------
@@ -157,7 +138,7 @@ async def test_round_trip_every_id_exactly_once_and_offsets_committed(
     sent = items(300, "rt")
     ends = await produce(kafka_bootstrap, settings.kafka_input_topic, sent)
     assert sorted(ends) == [0, 1, 2]
-    async with running(settings) as processor:
+    async with running_processor(settings) as processor:
         await wait_for_output(settings, len(sent))
     ids = await output_ids(settings)
     assert ids == Counter(k.decode() for k, _ in sent)  # every id, exactly once
@@ -180,7 +161,7 @@ async def test_a_zombie_owner_is_fenced_and_drops_its_uncommitted_work(
     tp = TopicPartition(settings.kafka_input_topic, 0)
     first = items(20, "zombie")
     await produce(kafka_bootstrap, settings.kafka_input_topic, first)
-    async with running(settings) as zombie:
+    async with running_processor(settings) as zombie:
         sink = zombie.sink
         assert isinstance(sink, ExactlyOnceSink)
         await wait_for(lambda: len(sink.buffers.get(tp, [])) == len(first), "A's buffer")
@@ -201,7 +182,7 @@ async def test_a_zombie_owner_is_fenced_and_drops_its_uncommitted_work(
         assert await output_ids(settings) == Counter()  # nothing visible to read_committed
         assert await committed(settings) == {}  # and no offset committed
 
-    async with running(settings.model_copy(update={"kafka_commit_interval_ms": 200})
+    async with running_processor(settings.model_copy(update={"kafka_commit_interval_ms": 200})
                        ) as successor:
         await wait_for_output(settings, len(first) + len(late))
     assert await output_ids(settings) == Counter(k.decode() for k, _ in first + late)
@@ -236,11 +217,11 @@ async def test_a_member_joining_and_leaving_mid_transaction_loses_and_repeats_no
         finally:
             await producer.stop()
 
-    async with running(settings, identity_worker(delay_s=0.01)) as first:
+    async with running_processor(settings, eos_worker(delay_s=0.01)) as first:
         feeding = asyncio.create_task(feed(200))
         try:
             await wait_for(lambda: first.stats.produced >= 100, "the first 100 answers")
-            async with running(settings, identity_worker(delay_s=0.01)) as second:
+            async with running_processor(settings, eos_worker(delay_s=0.01)) as second:
                 await wait_for(lambda: len(second.assigned) > 0, "the join's rebalance")
                 await asyncio.wait_for(feeding, 60)
                 feeding = asyncio.create_task(feed(600))
@@ -279,7 +260,7 @@ async def test_an_aborted_transaction_is_seen_by_read_uncommitted_only(
         await original(self, offsets, group_id)
 
     monkeypatch.setattr(AIOKafkaProducer, "send_offsets_to_transaction", fail_once)
-    async with running(settings):
+    async with running_processor(settings):
         await wait_for_output(settings, len(sent))
     expected = Counter(k.decode() for k, _ in sent)
     assert failures and await output_ids(settings) == expected

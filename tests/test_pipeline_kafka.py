@@ -15,8 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streamproc import intake
-from streamproc.engine import SummaryWorker, build_worker
+from streamproc.engine import build_worker
 from streamproc.pipeline import StreamProcessor
-from streamproc.settings import GPUConfig, Settings
-from streamproc.summarizers import IdentitySummarizer, Summarizer, summarize_batch
-from streamproc.worker import GPUWorker
+from streamproc.settings import Settings
 from tests.kafka_broker import create_topic, partitions_of, read_all, unique_topic
+from tests.pipeline_helpers import identity_worker, running
 
 pytestmark = pytest.mark.kafka
 
@@ -186,43 +184,6 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
         await asyncio.sleep(0.01)
-
-
-@asynccontextmanager
-async def running(processor: StreamProcessor, timeout_s: float = 60) -> AsyncIterator[
-        asyncio.Task[None]]:
-    """Start ``processor.run()``; on exit request a stop and wait (bounded) for it to return."""
-    await asyncio.wait_for(processor.start(), 60)
-    task = asyncio.create_task(processor.run())
-    try:
-        yield task
-    finally:
-        processor.request_stop()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), timeout_s)
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            await asyncio.wait_for(processor.stop(), 30)
-
-
-def identity_worker(*, delay_s: float = 0.0, poison: str | None = None, batch_size: int = 8,
-                    queue_size: int = 1000) -> SummaryWorker:
-    """A GPUWorker around the identity summarizer: a pure-logic stand-in for the model when
-    the pipeline is under test. ``delay_s`` slows every batch; a text containing ``poison``
-    makes the batch holding it raise (the worker then isolates that item)."""
-
-    def task(model: Summarizer, texts: list[str]) -> list[str]:
-        if delay_s:
-            time.sleep(delay_s)
-        if poison is not None and any(poison in text for text in texts):
-            raise RuntimeError(f"the model chokes on {poison}")
-        return summarize_batch(model, texts)
-
-    config = GPUConfig(device_ids="cpu", batch_size=batch_size, max_delay_ms=20,
-                       queue_size=queue_size, enable_warmup=False, use_fp16=False)
-    return GPUWorker(IdentitySummarizer, config, task)
 
 
 def seq2seq_settings(bootstrap: str, model_dir: Path, **overrides: Any) -> Settings:
