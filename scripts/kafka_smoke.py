@@ -40,6 +40,12 @@ def log(msg: str) -> None:
     print(f"[kafka_smoke] {msg}", flush=True)
 
 
+def group_consumer(topic: str, bootstrap: str, group: str, **extra: str) -> AIOKafkaConsumer:
+    """A consumer in ``group`` with manual commits, from the earliest offset."""
+    return AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group,
+                            enable_auto_commit=False, auto_offset_reset="earliest", **extra)
+
+
 async def consume_n(consumer: AIOKafkaConsumer, n: int) -> list[ConsumerRecord[bytes, bytes]]:
     out: list[ConsumerRecord[bytes, bytes]] = []
     deadline = time.monotonic() + TIMEOUT_S
@@ -92,13 +98,7 @@ async def run(bootstrap: str) -> None:
         tps = [TopicPartition(src, p) for p in range(PARTITIONS)]
 
         # 3. group consumer, manual commit, resume
-        c1 = AIOKafkaConsumer(
-            src,
-            bootstrap_servers=bootstrap,
-            group_id=group_plain,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
+        c1 = group_consumer(src, bootstrap, group_plain)
         await c1.start()
         try:
             recs = await consume_n(c1, N_MESSAGES)
@@ -112,13 +112,7 @@ async def run(bootstrap: str) -> None:
         assert sum(v or 0 for v in committed.values()) == N_MESSAGES, committed
         log(f"group consumer read {len(recs)} records and committed {committed}")
 
-        c2 = AIOKafkaConsumer(
-            src,
-            bootstrap_servers=bootstrap,
-            group_id=group_plain,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
+        c2 = group_consumer(src, bootstrap, group_plain)
         await c2.start()
         try:
             extra = await c2.getmany(timeout_ms=3000)
@@ -136,14 +130,7 @@ async def run(bootstrap: str) -> None:
             enable_idempotence=True,
             acks="all",
         )
-        c3 = AIOKafkaConsumer(
-            src,
-            bootstrap_servers=bootstrap,
-            group_id=group_tx,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-        )
+        c3 = group_consumer(src, bootstrap, group_tx, isolation_level="read_committed")
         await txp.start()
         await c3.start()
         try:
