@@ -11,12 +11,15 @@ from __future__ import annotations
 __all__ = [
     "BrokerUnavailable",
     "ConfigError",
+    "DeliveryFailed",
     "InferenceFailed",
     "InvalidRecord",
     "ItemTooLarge",
     "ModelLoadError",
     "NoHealthyReplica",
     "OutOfMemory",
+    "RebalanceFailed",
+    "ReplicaBroken",
     "StreamprocError",
     "WorkerClosed",
 ]
@@ -69,6 +72,13 @@ class OutOfMemory(InferenceFailed):
     reason_code = "out_of_memory"
 
 
+class ReplicaBroken(InferenceFailed):
+    """The item's batch left its replica failing a known-good probe: the item is the prime
+    suspect, so it is dead-lettered rather than allowed to break the next replica too."""
+
+    reason_code = "replica_broken"
+
+
 class ItemTooLarge(InferenceFailed):
     """A single item still ran out of memory after every split."""
 
@@ -98,3 +108,18 @@ class BrokerUnavailable(StreamprocError):
 
     retriable = True
     reason_code = "broker_unavailable"
+
+
+class DeliveryFailed(StreamprocError):
+    """An output the broker did not take for a reason not its own (unreachable past
+    ``KAFKA_DELIVERY_TIMEOUT_MS``, fenced, a producer that kept failing). Its partition stops
+    uncommitted and the service exits non-zero, so the orchestrator restarts it."""
+
+    reason_code = "delivery_failed"
+
+
+class RebalanceFailed(StreamprocError):
+    """Setting up or handing back partitions failed; the member leaves rather than keep
+    partitions it cannot serve."""
+
+    reason_code = "rebalance_failed"

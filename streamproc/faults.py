@@ -6,6 +6,16 @@ only those get an :class:`InferenceFailed`. Out-of-memory halves the chunk and r
 single item that still does not fit gets :class:`ItemTooLarge`. A replica is blamed when a
 chunk it failed succeeds elsewhere, or when every item of a chunk fails on it alone; after
 ``replica_max_failures`` blames in a row it leaves the rotation.
+
+A failure may also break the replica itself (a CUDA device-side assert makes every later
+call on it fail). So after a chunk or an item fails, its replica runs a known-good *probe*
+payload (the first warm-up payload). A replica that fails the probe leaves the rotation at
+once, and the chunk that broke it is *suspect*: its items run again one at a time on the
+healthy replicas. An item after which a replica fails the probe is dead-lettered as
+:class:`ReplicaBroken`, so a poison item breaks at most two replicas and never loops; with no
+healthy replica left for a suspect, it is dead-lettered the same way. Items queued later get
+:class:`~streamproc.errors.NoHealthyReplica`, which is not a dead letter: the pipeline stops
+with them uncommitted.
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .errors import InferenceFailed, ItemTooLarge, StreamprocError
+from .errors import InferenceFailed, ItemTooLarge, ReplicaBroken, StreamprocError
 from .metrics import WorkerStats
 from .replicas import Replica, is_out_of_memory
 
@@ -42,12 +52,13 @@ class ChunkRunner(Generic[M, P, R]):
 
     def __init__(self, replicas: list[Replica[M]], task: Callable[[M, Any], Sequence[R]],
                  direct: Callable[[M, list[P]], Sequence[R]], stats: WorkerStats,
-                 max_failures: int) -> None:
+                 max_failures: int, probe: P | None = None) -> None:
         self.replicas = replicas
         self.task = task
         self.direct = direct
         self.stats = stats
         self.max_failures = max_failures
+        self.probe_payload = probe
 
     async def call(self, replica: Replica[M], chunk: list[Request[P, R]],
                    prepared: Any = None) -> Sequence[R]:
@@ -83,6 +94,9 @@ class ChunkRunner(Generic[M, P, R]):
             if is_out_of_memory(exc):
                 await self._split_on_oom(replica, chunk, exc)
                 return
+            if not await self.probe(replica):
+                await self._suspects(chunk)
+                return
             other = next((r for r in self.replicas if r.healthy and r is not replica), None)
             if other is not None and not retried:
                 self.stats.chunk_retries += 1
@@ -108,23 +122,57 @@ class ChunkRunner(Generic[M, P, R]):
 
     async def _isolate(self, replica: Replica[M], chunk: list[Request[P, R]]) -> int:
         """Bisect a failing chunk; fail only the items that fail alone. Returns their count."""
+        if not replica.healthy:
+            await self._suspects(chunk)
+            return len(chunk)
         if len(chunk) == 1:
-            try:
-                self.resolve(chunk, await self.call(replica, chunk))
-                return 0
-            except Exception as exc:
-                if is_out_of_memory(exc):
-                    error: StreamprocError = ItemTooLarge(f"out of memory on a single item: {exc}")
-                else:
-                    error = InferenceFailed(f"{type(exc).__name__}: {exc}")
-                self.fail(chunk, error)
-                return 1
+            return await self._single(replica, chunk)
         half = len(chunk) // 2
         failed = 0
         for part in (chunk[:half], chunk[half:]):
             if not await self._try(replica, part):
                 failed += await self._isolate(replica, part)
         return failed
+
+    async def _single(self, replica: Replica[M], chunk: list[Request[P, R]]) -> int:
+        """Run one item alone; on failure, probe the replica to tell whose fault it was."""
+        try:
+            self.resolve(chunk, await self.call(replica, chunk))
+            return 0
+        except Exception as exc:
+            error: StreamprocError
+            if is_out_of_memory(exc):
+                error = ItemTooLarge(f"out of memory on a single item: {exc}")
+            elif await self.probe(replica):
+                error = InferenceFailed(f"{type(exc).__name__}: {exc}")
+            else:
+                error = ReplicaBroken(f"{type(exc).__name__}: {exc}; then {replica.name} "
+                                      "failed a health probe and left the rotation")
+            self.fail(chunk, error)
+            return 1
+
+    async def probe(self, replica: Replica[M]) -> bool:
+        """Run the known-good payload on ``replica``; False (and it leaves the rotation) when
+        it fails. True without a probe payload."""
+        if self.probe_payload is None or not replica.healthy:
+            return replica.healthy
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(replica.executor, self.direct, replica.model,
+                                       [self.probe_payload])
+        except Exception as exc:
+            replica.broken(exc)
+            return False
+        return True
+
+    async def _suspects(self, chunk: list[Request[P, R]]) -> None:
+        """Items of a chunk that broke a replica: one at a time on the healthy replicas."""
+        for request in chunk:
+            replica = next((r for r in self.replicas if r.healthy), None)
+            if replica is None:
+                self.fail([request], ReplicaBroken("its batch broke the last healthy replica"))
+            else:
+                await self._single(replica, [request])
 
     async def _split_on_oom(self, replica: Replica[M], chunk: list[Request[P, R]],
                             exc: BaseException) -> None:

@@ -11,14 +11,16 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from .errors import BrokerUnavailable, ConfigError, StreamprocError
 from .settings import Settings
 
 __all__ = [
     "broker_answers", "client_options", "consumer_for", "ensure_topics",
-    "producer_for", "start_with_retry",
+    "producer_for", "record_size", "start_with_retry",
 ]
 
 log = logging.getLogger("streamproc.kafka")
@@ -66,12 +68,16 @@ def consumer_for(settings: Settings, **overrides: Any) -> AIOKafkaConsumer:
         max_poll_records=settings.kafka_max_poll_records,
         session_timeout_ms=settings.kafka_session_timeout_ms,
         heartbeat_interval_ms=max(settings.kafka_session_timeout_ms // 3, 100),
+        max_poll_interval_ms=settings.kafka_max_poll_interval_ms,
         **overrides,
     )
 
 
 def producer_for(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
-    options: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 5}
+    options: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 5,
+                               "max_request_size": settings.kafka_max_request_size}
+    if "transactional_id" in overrides:
+        options["transaction_timeout_ms"] = settings.kafka_transaction_timeout_ms
     options.update(overrides)
     return AIOKafkaProducer(**client_options(settings), **options)
 
@@ -97,9 +103,18 @@ async def start_with_retry(name: str, start: Callable[[], Awaitable[None]],
             delay = min(delay * 2, 5.0)
 
 
-async def ensure_topics(settings: Settings) -> None:
+def record_size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int:
+    """An upper bound of one record's size in a batch of its own: the size aiokafka checks
+    against ``max_request_size``, and the broker against the topic's ``max.message.bytes``."""
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
+
+
+async def ensure_topics(settings: Settings) -> dict[str, int]:
     """Check the input, output and DLQ topics exist; create missing ones when
-    ``KAFKA_CREATE_TOPICS=true``, else fail naming the topic and the variable."""
+    ``KAFKA_CREATE_TOPICS=true``, else fail naming the topic and the variable.
+
+    Returns the largest record each output topic (``KAFKA_OUTPUT_TOPIC``, ``KAFKA_DLQ_TOPIC``)
+    takes: the smaller of ``KAFKA_MAX_REQUEST_SIZE`` and the topic's ``max.message.bytes``."""
     admin = AIOKafkaAdminClient(**client_options(settings))
     await start_with_retry("admin client", admin.start, settings)
     try:
@@ -110,17 +125,33 @@ async def ensure_topics(settings: Settings) -> None:
             "KAFKA_DLQ_TOPIC": settings.kafka_dlq_topic,
         }
         missing = {var: topic for var, topic in wanted.items() if topic not in existing}
-        if not missing:
-            return
-        if not settings.kafka_create_topics:
+        if missing and not settings.kafka_create_topics:
             var, topic = next(iter(missing.items()))
             raise ConfigError(var, topic, "the topic does not exist; create it or set "
                               "KAFKA_CREATE_TOPICS=true")
-        new = [NewTopic(t, settings.kafka_topic_partitions, 1) for t in set(missing.values())]
-        with contextlib.suppress(TopicAlreadyExistsError):  # another instance was first
-            await admin.create_topics(new)
-        log.info("created topics %s", sorted(set(missing.values())))
+        if missing:
+            new = [NewTopic(t, settings.kafka_topic_partitions, 1)
+                   for t in set(missing.values())]
+            with contextlib.suppress(TopicAlreadyExistsError):  # another instance was first
+                await admin.create_topics(new)
+            log.info("created topics %s", sorted(set(missing.values())))
+        return await _record_limits(admin, settings)
     except KafkaError as exc:
         raise StreamprocError(f"could not check topics: {exc}") from exc
     finally:
         await admin.close()
+
+
+async def _record_limits(admin: AIOKafkaAdminClient, settings: Settings) -> dict[str, int]:
+    topics = {settings.kafka_output_topic, settings.kafka_dlq_topic}
+    limits = dict.fromkeys(topics, settings.kafka_max_request_size)
+    responses = await admin.describe_configs([
+        ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})
+        for topic in sorted(topics)])
+    for response in responses:
+        for resource in response.to_object()["resources"]:
+            for entry in resource["config_entries"]:
+                if entry["config_names"] == "max.message.bytes" and entry["config_value"]:
+                    topic = resource["resource_name"]
+                    limits[topic] = min(limits[topic], int(entry["config_value"]))
+    return limits

@@ -72,9 +72,7 @@ class PipelineStats:
     produced: int = 0
     dead_letters: dict[str, int] = field(default_factory=dict)  # by reason code
     commits: int = 0
-    send_retries: int = 0
-    dropped_after_revoke: int = 0
-    paused: bool = False
+    dropped_stale: int = 0  # results of a rewound, revoked or stopped partition's records
     backpressure_seconds: float = 0.0  # time the fetch waited for room in the worker
     pauses: int = 0  # waits long enough to pause the partitions
     end_to_end: Histogram = field(default_factory=lambda: _histogram(
@@ -95,9 +93,7 @@ class PipelineStats:
             "dead_letters": dict(self.dead_letters),
             "answered_per_second": self.answered() / elapsed,
             "commits": self.commits,
-            "send_retries": self.send_retries,
-            "dropped_after_revoke": self.dropped_after_revoke,
-            "paused": self.paused,
+            "dropped_stale": self.dropped_stale,
             "backpressure_seconds": self.backpressure_seconds,
             "pauses": self.pauses,
             "uptime_seconds": elapsed,

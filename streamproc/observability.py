@@ -146,7 +146,12 @@ class Observability:
 
     # --- health -----------------------------------------------------------------------------
     def liveness(self) -> tuple[bool, str]:
-        """The loop answers (we are running this) and no model call is wedged."""
+        """The loop answers (we are running this), no model call is wedged, a healthy
+        replica is left, and no fault has stopped the processor."""
+        if self.processor is not None and self.processor.fatal is not None:
+            return False, f"stopping: {self.processor.fatal}"
+        if self.worker.replicas and not any(r.healthy for r in self.worker.replicas):
+            return False, "no healthy model replica"
         running = self.worker.longest_running_call_s()
         if running > self.settings.health_batch_deadline_s:
             return False, f"a model call has run {running:.0f} s (HEALTH_BATCH_DEADLINE_S)"

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from collections import deque
 
-__all__ = ["OffsetTracker", "PartitionState"]
+__all__ = ["OffsetTracker"]
 
 
 class OffsetTracker:
-    def __init__(self) -> None:
+    """``committed`` is the partition's committed position when tracking starts (if any)."""
+
+    def __init__(self, committed: int | None = None) -> None:
         self._open: deque[int] = deque()
         self._done: set[int] = set()
         self._next: int | None = None  # position to commit: every offset below it is complete
-        self.committed: int | None = None
+        self.committed = committed
 
     @property
     def in_flight(self) -> int:
@@ -44,17 +46,6 @@ class OffsetTracker:
     def mark_committed(self, position: int) -> None:
         self.committed = position
 
-
-class PartitionState:
-    """What the processor knows of one assigned partition. A new object (with a new
-    ``generation``) replaces it on re-assignment or rewind; work stamped with an older
-    generation is dropped, never committed."""
-
-    __slots__ = ("accepting", "blocked", "generation", "tracker", "unemitted")
-
-    def __init__(self, generation: int) -> None:
-        self.generation = generation
-        self.tracker = OffsetTracker()
-        self.accepting = True
-        self.unemitted = 0  # accepted records whose result has not reached the sink yet
-        self.blocked = False  # a record failed for a reason not its own: write nothing after it
+    def oldest_open(self) -> int | None:
+        """The lowest offset not yet complete, if any."""
+        return self._open[0] if self._open else None

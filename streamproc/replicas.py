@@ -65,6 +65,13 @@ class Replica(Generic[M]):
             log.error("%s taken out of rotation after %d failures in a row; last: %s",
                       self.name, self.consecutive_blames, self.last_error)
 
+    def broken(self, exc: BaseException) -> None:
+        """It failed a known-good probe: out of the rotation for good."""
+        self.last_error = f"failed a health probe: {type(exc).__name__}: {exc}"
+        if self.healthy:
+            self.healthy = False
+            log.error("%s taken out of rotation: %s", self.name, self.last_error)
+
     def succeeded(self) -> None:
         self.consecutive_blames = 0
 

@@ -5,18 +5,36 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import signal
+import threading
 
 from .engine import build_worker
 from .observability import Observability
 from .pipeline import StreamProcessor
 from .settings import Settings
 
-__all__ = ["freeze_heap", "report_loop", "run_service"]
+__all__ = ["EXIT_GRACE_S", "freeze_heap", "report_loop", "run_service"]
 
 log = logging.getLogger("streamproc.service")
 DLQ_BURST_SHARE = 0.2  # warn when this share of an interval's answers were dead letters
 LAG_GROWTH_INTERVALS = 3  # warn when total lag grew this many intervals in a row
+EXIT_GRACE_S = 4.5  # past SHUTDOWN_TIMEOUT_S after a signal, the process exits regardless
+
+
+def _exit_watchdog(settings: Settings) -> threading.Timer:
+    """Every wait on the shutdown path is bounded; this is the backstop for one that is not
+    (or a model call that never returns): exit 1 once ``SHUTDOWN_TIMEOUT_S`` +
+    ``EXIT_GRACE_S`` have passed since the signal, leaving what is open uncommitted."""
+    def force() -> None:
+        log.error("shutdown overran SHUTDOWN_TIMEOUT_S=%.1f by %.1f s; exiting now, leaving "
+                  "what is open uncommitted", settings.shutdown_timeout_s, EXIT_GRACE_S)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(settings.shutdown_timeout_s + EXIT_GRACE_S, force)
+    timer.daemon = True
+    return timer
 
 
 def freeze_heap() -> None:
@@ -51,7 +69,7 @@ async def report_loop(processor: StreamProcessor, observability: Observability,
             "queue=%d mean_batch=%.1f partitions=%d lag=%d paused=%s",
             rate, stats.consumed, stats.produced, dead, processor.in_flight(),
             worker["queue_depth"], worker["mean_batch_size"], len(processor.assigned), lag,
-            stats.paused)
+            processor.intake.paused)
         if new_dead and new_dead >= DLQ_BURST_SHARE * new_answers:
             log.warning("dead-letter burst: %d of the last %d answers went to %s (by reason: "
                         "%s)", new_dead, new_answers, processor.settings.kafka_dlq_topic,
@@ -67,8 +85,15 @@ async def run_service(settings: Settings) -> int:
     worker = build_worker(settings)
     processor = StreamProcessor(settings, worker)
     loop = asyncio.get_running_loop()
+    watchdog = _exit_watchdog(settings)
+
+    def on_signal() -> None:
+        processor.request_stop()
+        if not watchdog.is_alive():
+            watchdog.start()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, processor.request_stop)
+        loop.add_signal_handler(sig, on_signal)
     try:
         async with Observability(settings, worker, processor) as observability, worker:
             if processor.stopping:  # a signal arrived while the model loaded
@@ -91,6 +116,7 @@ async def run_service(settings: Settings) -> int:
             await worker.stop(drain_s=0)
             log.info("stopped cleanly: %s", processor.stats.as_dict())
     finally:
+        watchdog.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
     return 0

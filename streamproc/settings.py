@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     kafka_commit_interval_ms: int = Field(default=1000, ge=10)
     kafka_connect_timeout_s: float = Field(default=30.0, gt=0)
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
+    kafka_max_poll_interval_ms: int = Field(default=300_000, ge=1000)
+    kafka_delivery_timeout_ms: int = Field(default=120_000, ge=1000)
+    kafka_transaction_timeout_ms: int = Field(default=60_000, ge=1000)
+    kafka_max_request_size: int = Field(default=1_048_576, ge=16_384)
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
     )

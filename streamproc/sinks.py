@@ -4,254 +4,540 @@
                      broker acknowledges its output; the consumer commits the contiguous
                      completed prefix (see :mod:`streamproc.pipeline`).
 ``ExactlyOnceSink``  one transactional producer per input partition, with the transactional
-                     id ``<prefix>-<topic>-<partition>``. The outputs, the dead letters and the
-                     consumed offset of a partition's results are written in one transaction.
+                     id ``<prefix>-<group>-<topic>-<partition>``. A partition's outputs, dead
+                     letters and consumed offset are written in one transaction.
+
+How a failed write ends (both sinks)
+------------------------------------
+1. **Refused for the record's own reason** (too large, ``CORRUPT_MESSAGE``,
+   ``INVALID_TIMESTAMP``, and ``INVALID_RECORD``, which aiokafka reports as ``UNKNOWN``): the
+   output is replaced by a dead letter (``output_refused``) and written again, in its place.
+   Sizes are checked before sending (:mod:`streamproc.outputs`), so this is rare.
+2. **Collateral** (``OUT_OF_ORDER_SEQUENCE_NUMBER``, ``UNKNOWN_PRODUCER_ID``): an idempotent
+   producer whose batch was refused fails every later batch of that output partition. The
+   producer is replaced and the failed records are written again, in their original order,
+   after everything else it had in hand has settled. Outputs so keep input order.
+3. **Anything else** (the broker unreachable, authorization, timeouts): the producer already
+   retried it within its own timeouts; no second retry loop runs on top. If an output is still
+   not written after ``KAFKA_DELIVERY_TIMEOUT_MS``, or the producer is replaced more than
+   ``MAX_PRODUCER_RESETS`` times in a row without writing anything, its partition stops
+   uncommitted and the service exits non-zero (:class:`~streamproc.errors.DeliveryFailed`).
 
 Why exactly-once is safe without KIP-447 (aiokafka's ``send_offsets_to_transaction`` takes
 only the group id, so the broker cannot check the consumer's generation):
 
-1. Only the producer holding ``<prefix>-<topic>-<p>`` can commit offsets of partition p, and
-   the broker lets one producer epoch per transactional id commit at a time.
+1. Only the producer holding ``<prefix>-<group>-<topic>-<p>`` can commit offsets of partition
+   p for this group, and the broker lets one producer epoch per transactional id commit at a
+   time. (The group id is in the id, so two groups reading one topic never fence each other.)
 2. A new owner of p first starts that producer (``init_transactions``): this bumps the epoch,
-   so the old owner's producer is fenced (``ProducerFenced``) and any transaction it left open
-   is aborted or completed before ``start`` returns.
-3. Only then does the new owner read p's committed offset and seek to it. Whatever the old
-   owner committed is in that offset, and whatever it did not commit was aborted, so each
-   record's output is committed exactly once.
-4. A transaction that fails for any other reason is aborted, and the partition is rewound to
-   its committed offset with a new generation, so the results in hand are dropped and read
-   again.
+   so the old owner's producer is fenced and any transaction it left open is aborted or
+   completed before ``start`` returns.
+3. Only then does the new owner read p's committed offset and seek to it (the partition's
+   SEEKING state). Whatever the old owner committed is in that offset, and whatever it did not
+   commit was aborted, so each record's output is committed exactly once.
+4. Every send of a transaction is awaited before its offsets are added and it commits; any
+   failure aborts it. Refused records become dead letters and the same records are written
+   again in a new transaction (case 1 and 2 above). A transaction that fails for any other
+   reason is aborted and the partition rewound to its committed offset.
+5. Fenced (``PRODUCER_FENCED``, ``INVALID_PRODUCER_EPOCH``): either a new owner exists, or the
+   coordinator aborted a transaction older than ``KAFKA_TRANSACTION_TIMEOUT_MS`` (a long broker
+   outage). The work in hand is dropped and the partition waits, paused, for twice the session
+   timeout. A new owner's rebalance revokes it in that time; if it is still ours, the fence
+   came from the timeout, so a new producer is started (fencing nobody) and the partition is
+   rewound.
 Downstream readers must use ``isolation_level=read_committed``.
+
+One producer per process (Kafka Streams' ``exactly_once_v2``, KIP-447) would make the cost of
+exactly-once independent of the partition count: the transaction would carry the consumer's
+group metadata (generation, member id) in ``TxnOffsetCommit``, and the broker would fence a
+zombie by its generation instead of by a transactional id per partition. aiokafka 0.14 sends
+only the group id, so this sink keeps one producer per partition; switching needs a client
+that sends ``ConsumerGroupMetadata`` and one transaction for all partitions per interval.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import (
+    CorruptRecordException,
+    InvalidProducerEpoch,
+    InvalidTimestampError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    UnknownError,
+    UnknownProducerId,
+)
 
+from .errors import DeliveryFailed, StreamprocError
 from .kafka_clients import producer_for, start_with_retry
 from .metrics import PipelineStats
-from .offsets import PartitionState
-from .outputs import Outbound
+from .outputs import Outbound, Outputs
+from .partition import Partition
 from .settings import Settings
 
-__all__ = ["AtLeastOnceSink", "ExactlyOnceSink", "Sink"]
+__all__ = ["AtLeastOnceSink", "ExactlyOnceSink", "MAX_PRODUCER_RESETS", "Sink"]
 
 log = logging.getLogger("streamproc.sinks")
+MAX_PRODUCER_RESETS = 5
+_REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError,
+            CorruptRecordException, InvalidTimestampError, UnknownError)
+_COLLATERAL = (OutOfOrderSequenceNumber, UnknownProducerId)
+_FENCED = (ProducerFenced, InvalidProducerEpoch)
+
+
+def refused(exc: BaseException | None) -> bool:
+    """The broker refused the record for a reason of its own (case 1)."""
+    return isinstance(exc, _REFUSED)
+
+
+def replayable(exc: BaseException | None) -> bool:
+    """Writing the record again through a new producer may succeed (case 1 or 2)."""
+    return isinstance(exc, _REFUSED + _COLLATERAL)
+
+
+async def _bounded(what: str, coro: Any, within_s: float) -> None:
+    """Await ``coro`` for at most ``within_s``; log, never raise (shutdown and clean-up)."""
+    try:
+        await asyncio.wait_for(coro, max(within_s, 0.01))
+    except (TimeoutError, KafkaError, OSError) as exc:
+        log.warning("%s did not finish cleanly: %r", what, exc)
 
 
 class Sink:
-    """Shared parts; subclasses implement one delivery guarantee."""
+    """Shared parts; subclasses implement one delivery guarantee. ``on_fatal`` stops the
+    service (non-zero exit)."""
 
     def __init__(self, settings: Settings, consumer: AIOKafkaConsumer, stats: PipelineStats,
-                 on_fatal: Callable[[BaseException], None]) -> None:
+                 outputs: Outputs, on_fatal: Callable[[StreamprocError], None]) -> None:
         self.settings = settings
         self.consumer = consumer
         self.stats = stats
+        self.outputs = outputs
         self.on_fatal = on_fatal
-        self.lock = asyncio.Lock()
+        self.delivery_timeout_s = settings.kafka_delivery_timeout_ms / 1000
         self.commit_due = asyncio.Event()  # set when waiting for the next interval would stall
 
     def count(self, record: Outbound) -> None:
         """The record is safely written (acknowledged, or its transaction committed)."""
-        if record.source_timestamp_ms is not None and record.source_timestamp_ms > 0:
-            self.stats.end_to_end.observe(max(time.time() - record.source_timestamp_ms / 1000, 0))
+        timestamp = record.source.timestamp
+        if timestamp is not None and timestamp > 0:
+            self.stats.end_to_end.observe(max(time.time() - timestamp / 1000, 0))
         if record.reason_code is None:
             self.stats.produced += 1
         else:
             self.stats.dead_letter(record.reason_code)
 
+    def give_up(self, partition: Partition, reason: str) -> None:
+        """A write failed for a reason not its record's own: stop the partition, uncommitted,
+        and the service with it."""
+        partition.stop(reason)
+        self.on_fatal(DeliveryFailed(f"{partition.name}: {reason}"))
+
     async def start(self) -> None: ...
-    async def stop(self) -> None: ...
-    async def assigned(self, tps: dict[TopicPartition, PartitionState]) -> None: ...
-    async def revoked(self, tps: set[TopicPartition]) -> None: ...
-    async def emit(self, tp: TopicPartition, partition: PartitionState, record: Outbound) -> None:
+    async def stop(self, within_s: float) -> None: ...
+    async def assigned(self, partitions: list[Partition]) -> None: ...
+    async def revoked(self, partitions: list[Partition], within_s: float) -> None: ...
+
+    async def emit(self, partition: Partition, record: Outbound) -> None:
         raise NotImplementedError
 
-    def settled(self, partition: PartitionState) -> bool:
+    def settled(self, partition: Partition) -> bool:
         """True when :meth:`commit` would cover everything this partition accepted."""
         raise NotImplementedError
 
     async def flush(self, within_s: float) -> None:
         """Wait (at most ``within_s``) until what was emitted is safely written or failed."""
 
-    async def commit(self, partitions: dict[TopicPartition, PartitionState]) -> None:
+    async def commit(self, partitions: Iterable[Partition]) -> None:
         raise NotImplementedError
+
+    def check_deadlines(self, partitions: Iterable[Partition]) -> None:
+        """Stop the partitions with an output unwritten for ``KAFKA_DELIVERY_TIMEOUT_MS``."""
+
+
+@dataclass(slots=True, eq=False)
+class _Send:
+    seq: int
+    partition: Partition
+    epoch: int
+    record: Outbound
+    sent_at: float
+    future: asyncio.Future[Any] | None = None
+    error: BaseException | None = None
 
 
 class AtLeastOnceSink(Sink):
-    SEND_RETRY_LIMIT_S = 120.0
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.producer = producer_for(self.settings)
-        self._retries: set[asyncio.Task[None]] = set()
-        self._deliveries: set[asyncio.Future[object]] = set()
+        self._seq = itertools.count()
+        self._sends: dict[int, _Send] = {}  # not yet acknowledged, by send order
+        self._writable = asyncio.Event()  # cleared while the producer is being replaced
+        self._writable.set()
+        self._reset: asyncio.Task[None] | None = None
+        self._resets_in_a_row = 0
 
     async def start(self) -> None:
         await start_with_retry("producer", self.producer.start, self.settings)
 
-    async def stop(self) -> None:
-        await self.producer.flush()
-        await self.producer.stop()
+    async def stop(self, within_s: float) -> None:
+        if self._reset is not None:
+            self._reset.cancel()
+        await _bounded("closing the producer", self.producer.stop(), within_s)
 
-    async def emit(self, tp: TopicPartition, partition: PartitionState, record: Outbound) -> None:
-        delivery = await self.producer.send(record.topic, value=record.value, key=record.key,
-                                            headers=record.headers)
+    async def emit(self, partition: Partition, record: Outbound) -> None:
+        await self._writable.wait()
+        send = _Send(next(self._seq), partition, partition.epoch, record, time.monotonic())
+        self._sends[send.seq] = send
+        await self._send(send)
 
-        def acknowledged(fut: asyncio.Future[object]) -> None:
-            self._deliveries.discard(fut)
-            if fut.cancelled() or fut.exception() is not None:
-                task = asyncio.create_task(self._resend(partition, record, fut))
-                self._retries.add(task)
-                task.add_done_callback(self._retries.discard)
+    async def _send(self, send: _Send) -> None:
+        record = send.record
+        try:
+            send.future = await self.producer.send(record.topic, value=record.value,
+                                                   key=record.key, headers=record.headers)
+        except KafkaError as exc:  # refused before it left (closed, or a size we missed)
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
+            send.future = future
+        send.future.add_done_callback(lambda fut: self._delivered(send, fut))
+
+    def _delivered(self, send: _Send, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled():
+            return  # the producer was closed under it: shutdown, its offset stays open
+        send.error = fut.exception()
+        if send.error is not None and send.partition.finished:
+            self._sends.pop(send.seq, None)  # revoked or stopped: its offset stays open
+            return
+        if send.error is None:
+            self._sends.pop(send.seq, None)
+            self._resets_in_a_row = 0
+            send.partition.tracker.complete(send.record.offset)
+            self.count(send.record)
+        elif replayable(send.error):
+            if self._reset is None:
+                self._writable.clear()
+                self._reset = asyncio.create_task(self._replace_producer(), name="reset")
+        else:
+            self._sends.pop(send.seq, None)
+            self.give_up(send.partition, f"the broker did not take an output for "
+                         f"{send.record.topic}: {send.error!r}")
+
+    async def _replace_producer(self) -> None:
+        """Case 1 and 2: let every send in hand settle, replace the producer, then write the
+        refused ones' dead letters and the collateral failures again, in send order."""
+        try:
+            pending = [s.future for s in self._sends.values()
+                       if s.future is not None and not s.future.done()]
+            if pending:
+                _, late = await asyncio.wait(pending, timeout=self.delivery_timeout_s)
+                if late:
+                    for send in self._sends.values():
+                        self.give_up(send.partition, "an output was not acknowledged within "
+                                     "KAFKA_DELIVERY_TIMEOUT_MS")
+                    return
+            self._resets_in_a_row += 1
+            failed = sorted((s for s in self._sends.values() if s.error is not None),
+                            key=lambda s: s.seq)
+            if self._resets_in_a_row > MAX_PRODUCER_RESETS:
+                for send in failed:
+                    self.give_up(send.partition, f"the producer failed {MAX_PRODUCER_RESETS} "
+                                 f"times in a row: {send.error!r}")
                 return
-            partition.tracker.complete(record.offset)
-            self.count(record)
+            old, self.producer = self.producer, producer_for(self.settings)
+            await _bounded("closing the failed producer", old.stop(), 5)
+            await start_with_retry("producer", self.producer.start, self.settings)
+            log.warning("producer replaced after %d failed send(s); writing them again in "
+                        "order", len(failed))
+            for send in failed:
+                del self._sends[send.seq]
+                if not send.partition.current(send.epoch):
+                    continue
+                record = send.record
+                if refused(send.error):
+                    assert send.error is not None
+                    replacement = self.outputs.refused(record, send.error)
+                    if replacement is None:
+                        self.give_up(send.partition, f"the broker refused a dead letter: "
+                                     f"{send.error!r}")
+                        continue
+                    record = replacement
+                again = _Send(next(self._seq), send.partition, send.epoch, record,
+                              send.sent_at)
+                self._sends[again.seq] = again
+                await self._send(again)
+        finally:
+            self._reset = None
+            self._writable.set()
 
-        delivery.add_done_callback(acknowledged)  # runs before any waiter added later
-        self._deliveries.add(delivery)
+    def check_deadlines(self, partitions: Iterable[Partition]) -> None:
+        now = time.monotonic()
+        for send in list(self._sends.values()):
+            if now - send.sent_at > self.delivery_timeout_s and not send.partition.finished:
+                self.give_up(send.partition, f"an output to {send.record.topic} was not "
+                             f"acknowledged within KAFKA_DELIVERY_TIMEOUT_MS")
 
     async def flush(self, within_s: float) -> None:
-        pending: list[asyncio.Future[Any]] = [*self._deliveries, *self._retries]
+        pending: list[asyncio.Future[Any]] = [
+            s.future for s in self._sends.values() if s.future is not None]
+        if self._reset is not None:
+            pending.append(self._reset)
         if pending:
-            await asyncio.wait(pending, timeout=within_s)
+            await asyncio.wait(pending, timeout=max(within_s, 0.01))
 
-    async def _resend(self, partition: PartitionState, record: Outbound,
-                      failed: asyncio.Future[object]) -> None:
-        """Retry one send with backoff; its offset stays open until the broker has it."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.SEND_RETRY_LIMIT_S
-        delay, last = 0.5, (None if failed.cancelled() else failed.exception())
-        while loop.time() < deadline:
-            self.stats.send_retries += 1
-            log.warning("send to %s failed (%r); retrying in %.1f s", record.topic, last, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-            try:
-                await (await self.producer.send(record.topic, value=record.value,
-                                                key=record.key, headers=record.headers))
-            except KafkaError as exc:
-                last = exc
-                continue
-            partition.tracker.complete(record.offset)
-            self.count(record)
-            return
-        partition.blocked = True  # its offset stays open for good: no need to wait for it
-        self.on_fatal(KafkaError(f"could not write to {record.topic} for "
-                                 f"{self.SEND_RETRY_LIMIT_S:.0f} s: {last!r}"))
-
-    def settled(self, partition: PartitionState) -> bool:
+    def settled(self, partition: Partition) -> bool:
         return partition.tracker.in_flight == 0  # every output acknowledged
 
-    async def commit(self, partitions: dict[TopicPartition, PartitionState]) -> None:
-        async with self.lock:
-            offsets = {tp: pos for tp, p in partitions.items()
-                       if (pos := p.tracker.committable()) is not None}
-            if not offsets:
-                return
-            try:
-                await self.consumer.commit(offsets)
-            except KafkaError as exc:
-                log.warning("commit of %d partition(s) failed: %r", len(offsets), exc)
-                return
-            for tp, pos in offsets.items():
-                partitions[tp].tracker.mark_committed(pos)
-            self.stats.commits += 1
+    async def commit(self, partitions: Iterable[Partition]) -> None:
+        offsets = {p.tp: pos for p in partitions
+                   if (pos := p.tracker.committable()) is not None}
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:  # not a member any more, or the coordinator moved: later
+            log.warning("commit of %d partition(s) failed: %r", len(offsets), exc)
+            return
+        for p in partitions:
+            if p.tp in offsets:
+                p.tracker.mark_committed(offsets[p.tp])
+        self.stats.commits += 1
+
+
+class _Transactional:
+    """The exactly-once state of one assigned partition: its producer and its buffer."""
+
+    def __init__(self, partition: Partition, transactional_id: str) -> None:
+        self.partition = partition
+        self.transactional_id = transactional_id
+        self.producer: AIOKafkaProducer | None = None
+        self.buffer: list[Outbound] = []
+        self.lock = asyncio.Lock()
+        self.failures_in_a_row = 0
+        self.unwritten_since: float | None = None  # the oldest buffered record's arrival
 
 
 class ExactlyOnceSink(Sink):
-    def __init__(self, *args: object,
-                 rewind: Callable[[TopicPartition, bool], Awaitable[None]],
-                 **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.rewind = rewind
-        self.producers: dict[TopicPartition, AIOKafkaProducer] = {}
-        self.buffers: dict[TopicPartition, list[Outbound]] = {}
-        self.locks: dict[TopicPartition, asyncio.Lock] = {}
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._states: dict[TopicPartition, _Transactional] = {}
+        self._recoveries: set[asyncio.Task[None]] = set()
 
     def transactional_id(self, tp: TopicPartition) -> str:
-        return f"{self.settings.kafka_transactional_id_prefix}-{tp.topic}-{tp.partition}"
+        return (f"{self.settings.kafka_transactional_id_prefix}-{self.settings.kafka_group_id}"
+                f"-{tp.topic}-{tp.partition}")
 
-    async def assigned(self, tps: dict[TopicPartition, PartitionState]) -> None:
-        """Fence the previous owner of each partition, then seek to its committed offset."""
-        for tp in tps:
-            if tp in self.producers:
-                continue
-            producer = producer_for(self.settings, transactional_id=self.transactional_id(tp))
-            await start_with_retry(f"transactional producer {tp.partition}", producer.start,
-                                   self.settings)
-            self.producers[tp] = producer
-            self.buffers[tp] = []
-            self.locks[tp] = asyncio.Lock()
-            committed = await self.consumer.committed(tp)
-            if committed is not None:
-                self.consumer.seek(tp, committed)
+    async def _new_producer(self, state: _Transactional) -> None:
+        producer = producer_for(self.settings, transactional_id=state.transactional_id)
+        await start_with_retry(f"transactional producer {state.partition.name}",
+                               producer.start, self.settings)
+        state.producer = producer
 
-    async def revoked(self, tps: set[TopicPartition]) -> None:
-        for tp in tps:
-            producer = self.producers.pop(tp, None)
-            self.buffers.pop(tp, None)
-            self.locks.pop(tp, None)
-            if producer is not None:
-                await producer.stop()
+    async def assigned(self, partitions: list[Partition]) -> None:
+        """Fence the previous owner of each partition (step 2); the caller then seeks."""
+        for partition in partitions:
+            state = _Transactional(partition, self.transactional_id(partition.tp))
+            self._states[partition.tp] = state
+            await self._new_producer(state)
 
-    async def stop(self) -> None:
-        await self.revoked(set(self.producers))
+    async def revoked(self, partitions: list[Partition], within_s: float) -> None:
+        states = [s for p in partitions if (s := self._states.pop(p.tp, None)) is not None]
+        await asyncio.gather(*(_bounded(f"closing {s.partition.name}'s producer",
+                                        s.producer.stop(), within_s)
+                               for s in states if s.producer is not None))
 
-    async def emit(self, tp: TopicPartition, partition: PartitionState, record: Outbound) -> None:
-        self.buffers[tp].append(record)
+    async def stop(self, within_s: float) -> None:
+        for task in self._recoveries:
+            task.cancel()
+        await self.revoked([s.partition for s in self._states.values()], within_s)
+
+    async def emit(self, partition: Partition, record: Outbound) -> None:
+        state = self._states.get(partition.tp)
+        if state is None or state.partition is not partition:
+            return  # revoked meanwhile: nothing of it is written or committed
+        if not state.buffer:
+            state.unwritten_since = time.monotonic()
+        state.buffer.append(record)
         # Buffered records stay open until their transaction commits, and open records count
         # against backpressure: commit early rather than stall the fetch until the next tick.
-        if sum(map(len, self.buffers.values())) >= max(1, self.settings.gpu_queue_size // 2):
+        if sum(len(s.buffer) for s in self._states.values()) >= max(
+                1, self.settings.gpu_queue_size // 2):
             self.commit_due.set()
 
-    def settled(self, partition: PartitionState) -> bool:
+    def settled(self, partition: Partition) -> bool:
         return partition.unemitted == 0  # everything is in the buffer the next commit writes
 
-    async def commit(self, partitions: dict[TopicPartition, PartitionState]) -> None:
-        self.commit_due.clear()
-        await asyncio.gather(*(self._commit_partition(tp, p) for tp, p in partitions.items()
-                               if self.buffers.get(tp)))
+    def check_deadlines(self, partitions: Iterable[Partition]) -> None:
+        now = time.monotonic()
+        for state in list(self._states.values()):
+            since = state.unwritten_since
+            if (since is not None and now - since > self.delivery_timeout_s
+                    and not state.partition.finished):
+                self.give_up(state.partition, "its transaction did not commit within "
+                             "KAFKA_DELIVERY_TIMEOUT_MS")
 
-    async def _commit_partition(self, tp: TopicPartition, partition: PartitionState) -> None:
-        async with self.locks[tp]:
-            records, self.buffers[tp] = self.buffers[tp], []
-            if not records:
+    async def commit(self, partitions: Iterable[Partition]) -> None:
+        self.commit_due.clear()
+        await asyncio.gather(*(self._commit(state) for p in partitions
+                               if (state := self._states.get(p.tp)) is not None
+                               and state.partition is p and state.buffer))
+
+    async def _commit(self, state: _Transactional) -> None:
+        async with state.lock:
+            partition, producer = state.partition, state.producer
+            records = list(state.buffer)
+            if not records or producer is None or partition.finished:
                 return
-            producer = self.producers[tp]
-            position = records[-1].offset + 1
-            deliveries: list[asyncio.Future[Any]] = []
+            epoch = partition.epoch
             try:
-                async with producer.transaction():
-                    for r in records:
-                        deliveries.append(await producer.send(
-                            r.topic, value=r.value, key=r.key, headers=r.headers))
-                    await producer.send_offsets_to_transaction(
-                        {tp: position}, self.settings.kafka_group_id)
-            except ProducerFenced:
-                _retrieve(deliveries)
-                log.warning("%s: fenced by a newer owner; dropping its uncommitted work", tp)
-                self.buffers[tp] = []
-                await self.rewind(tp, True)
+                async with asyncio.timeout(self.delivery_timeout_s):
+                    failed = await self._transaction(producer, partition.tp, records)
+            except _FENCED as exc:
+                self._fenced(state, exc)
                 return
-            except KafkaError as exc:
-                _retrieve(deliveries)
-                log.warning("%s: transaction failed (%r); aborted and rewound", tp, exc)
-                self.buffers[tp] = []
-                await self.rewind(tp, False)
+            except (KafkaError, TimeoutError) as exc:
+                await self._failed(state, f"transaction failed ({exc!r}); aborted, rewinding")
                 return
+            if not partition.current(epoch):
+                return  # rewound or revoked while committing: its outcome is the broker's
+            if failed:
+                await self._replace_refused(state, records, failed)
+                return
+            del state.buffer[:len(records)]
+            state.unwritten_since = time.monotonic() if state.buffer else None
+            state.failures_in_a_row = 0
             for r in records:
                 partition.tracker.complete(r.offset)
                 self.count(r)
-            partition.tracker.mark_committed(position)
+            partition.tracker.mark_committed(records[-1].offset + 1)
             self.stats.commits += 1
+
+    async def _transaction(self, producer: AIOKafkaProducer, tp: TopicPartition,
+                           records: list[Outbound]) -> dict[int, BaseException]:
+        """One transaction: every send awaited before the offsets and the commit. Returns
+        the failed sends by index (the transaction then aborted)."""
+        failed: dict[int, BaseException] = {}
+        deliveries: list[asyncio.Future[Any]] = []
+        try:
+            async with producer.transaction():
+                for r in records:
+                    deliveries.append(await producer.send(r.topic, value=r.value, key=r.key,
+                                                          headers=r.headers))
+                results = await asyncio.gather(*deliveries, return_exceptions=True)
+                failed = {i: e for i, e in enumerate(results) if isinstance(e, BaseException)}
+                if failed:
+                    raise _Aborted
+                await producer.send_offsets_to_transaction(
+                    {tp: records[-1].offset + 1}, self.settings.kafka_group_id)
+        except _Aborted:
+            pass
+        finally:
+            _retrieve(deliveries)
+        return failed
+
+    async def _replace_refused(self, state: _Transactional, records: list[Outbound],
+                               failed: dict[int, BaseException]) -> None:
+        """Case 1 and 2 inside a transaction: it aborted; refused records become dead
+        letters in the buffer, and the same records go out again in a new transaction."""
+        fenced = next((e for e in failed.values() if isinstance(e, _FENCED)), None)
+        if fenced is not None:
+            self._fenced(state, fenced)
+            return
+        other = next((e for e in failed.values() if not replayable(e)), None)
+        if other is not None:
+            await self._failed(state, f"a send failed ({other!r}); aborted, rewinding")
+            return
+        for i, exc in failed.items():
+            if refused(exc):
+                replacement = self.outputs.refused(records[i], exc)
+                if replacement is None:
+                    self.give_up(state.partition, f"the broker refused a dead letter: {exc!r}")
+                    return
+                state.buffer[i] = replacement
+        state.failures_in_a_row += 1
+        if state.failures_in_a_row > MAX_PRODUCER_RESETS:
+            self.give_up(state.partition, f"{MAX_PRODUCER_RESETS} transactions in a row "
+                         "failed")
+            return
+        log.warning("%s: %d send(s) failed in a transaction (%s); aborted, writing again",
+                    state.partition.name, len(failed), sorted({type(e).__name__
+                                                               for e in failed.values()}))
+        await self._replace_producer(state)
+        self.commit_due.set()
+
+    async def _replace_producer(self, state: _Transactional) -> None:
+        old, state.producer = state.producer, None
+        if old is not None:
+            await _bounded(f"closing {state.partition.name}'s producer", old.stop(), 5)
+        await self._new_producer(state)
+
+    async def _failed(self, state: _Transactional, why: str) -> None:
+        """Step 4's other reasons: drop the buffer and read again from the committed offset,
+        through a new producer (an aborted transaction may leave the old one unusable)."""
+        state.failures_in_a_row += 1
+        state.buffer.clear()
+        state.unwritten_since = None
+        if state.failures_in_a_row > MAX_PRODUCER_RESETS:
+            self.give_up(state.partition, f"{MAX_PRODUCER_RESETS} transactions in a row "
+                         f"failed; last: {why}")
+            return
+        log.warning("%s: %s", state.partition.name, why)
+        state.partition.suspend()
+        try:
+            await self._replace_producer(state)
+        except StreamprocError as exc:
+            self.give_up(state.partition, f"no new producer: {exc}")
+            return
+        await state.partition.seek()
+
+    def _fenced(self, state: _Transactional, exc: BaseException) -> None:
+        """Step 5: wait for a rebalance to take the partition away; if none does, the fence
+        came from a transaction timeout, and the partition carries on with a new producer."""
+        log.warning("%s: fenced (%r); dropping its uncommitted work and waiting for a "
+                    "rebalance", state.partition.name, exc)
+        state.buffer.clear()
+        state.unwritten_since = None
+        state.partition.suspend()
+        task = asyncio.create_task(self._recover(state), name=f"recover-{state.partition.name}")
+        self._recoveries.add(task)
+        task.add_done_callback(self._recoveries.discard)
+
+    async def _recover(self, state: _Transactional) -> None:
+        partition = state.partition
+        old, state.producer = state.producer, None
+        if old is not None:
+            await _bounded(f"closing {partition.name}'s fenced producer", old.stop(), 5)
+        await partition.ends_within(2 * self.settings.kafka_session_timeout_ms / 1000)
+        if partition.finished or self._states.get(partition.tp) is not state:
+            return  # a new owner has it
+        state.failures_in_a_row += 1
+        if state.failures_in_a_row > MAX_PRODUCER_RESETS:
+            self.give_up(partition, "fenced again and again with no new owner")
+            return
+        log.warning("%s: still ours after a fence, so a transaction timed out; carrying on "
+                    "with a new producer", partition.name)
+        try:
+            await self._new_producer(state)
+        except StreamprocError as exc:
+            self.give_up(partition, f"no new producer after a fence: {exc}")
+            return
+        await partition.seek()
+
+
+class _Aborted(Exception):
+    """A send of the transaction failed: leave the block so that it aborts."""
 
 
 def _retrieve(deliveries: list[asyncio.Future[Any]]) -> None:

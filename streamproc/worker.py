@@ -105,7 +105,8 @@ class GPUWorker(Generic[M, P, R]):
                 max_cost=None if cfg.max_batch_tokens is None else cfg.max_batch_tokens * per_batch)
             self.stats = WorkerStats()
             self._runner = ChunkRunner(self.replicas, self._task, self._direct, self.stats,
-                                       cfg.replica_max_failures)
+                                       cfg.replica_max_failures,
+                                       probe=next(iter(cfg.warmup_payloads), None))
             self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="gpuworker")
             self._state = "running"
             log.info("replica plan: %s", "; ".join(p.describe() for p in self.plan))

@@ -472,7 +472,7 @@ async def test_backpressure_bounds_open_records_and_pauses_only_long_stalls(
             return processor.stats.produced >= n
 
         await wait_for(watch, 60, "every answer")
-        assert not processor.stats.paused, "fetching did not resume"
+        assert not processor.intake.paused, "fetching did not resume"
         assert not processor.consumer.paused()
     limit = intake.OPEN_RECORDS_PER_QUEUE_SLOT * queue
     assert 0 < most_open <= limit + poll  # one poll may land past the limit

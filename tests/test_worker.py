@@ -8,7 +8,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from streamproc.errors import InferenceFailed, ItemTooLarge, OutOfMemory, WorkerClosed
+from streamproc.errors import (
+    InferenceFailed,
+    ItemTooLarge,
+    NoHealthyReplica,
+    OutOfMemory,
+    ReplicaBroken,
+    WorkerClosed,
+)
 from streamproc.settings import GPUConfig
 from streamproc.worker import GPUWorker
 
@@ -243,3 +250,42 @@ async def test_on_the_cpu_a_fast_model_is_calibrated_and_a_slow_one_is_not() -> 
         assert slow.autotune is not None and slow.autotune.batch_size is None
         assert slow.config.batch_size == 8  # GPU_BATCH_SIZE kept
         assert "budget" in slow.autotune.stopped_because
+
+
+def poison_task(model: EchoModel, payloads: list[str]) -> list[str]:
+    """A replica that sees "poison" is broken for good: this and every later call fails, as
+    after a CUDA device-side assert."""
+    model.calls.append(list(payloads))
+    if "poison" in payloads:
+        model.always_fail = True
+    if model.always_fail:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+    return [f"{p.upper()}@{model.index}" for p in payloads]
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+async def test_a_poison_item_that_breaks_replicas_is_dead_lettered_and_never_loops(
+        replicas: int) -> None:
+    """The probe (the first warm-up payload) tells a broken replica from a bad item: the
+    poison is dead-lettered as replica_broken, the replicas it broke leave the rotation, and
+    nothing is blamed on the items around it while a healthy replica is left."""
+    loader = Loader()
+    config = cpu_config(pool_max_instances=replicas, batch_size=8, enable_warmup=False,
+                        warmup_payloads=("probe",))
+    async with GPUWorker(loader, config, poison_task) as worker:
+        payloads = [f"item{i}" for i in range(6)] + ["poison"] + [f"item{i}" for i in range(6, 12)]
+        results = await worker.infer_many(payloads)
+        healthy = [r for r in worker.replicas if r.healthy]
+        later = await worker.infer_many(["after"]) if healthy else None
+    poison = results[6]
+    assert isinstance(poison, ReplicaBroken) and poison.dead_letter
+    assert len(healthy) >= replicas - 2  # at most two replicas broken by one poison item
+    if replicas >= 3:  # a healthy replica was always left: every other item succeeded
+        assert all(isinstance(r, str) for i, r in enumerate(results) if i != 6), results
+        assert later is not None and isinstance(later[0], str)
+    if not healthy:
+        # The suspects with no replica left to try them on are dead-lettered (never retried
+        # forever); the items of later batches get NoHealthyReplica, which is not a dead
+        # letter: the pipeline stops with them uncommitted.
+        assert all(isinstance(r, (str, ReplicaBroken, NoHealthyReplica)) for r in results)
+        assert not NoHealthyReplica("x").dead_letter
