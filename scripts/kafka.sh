@@ -16,6 +16,7 @@
 #   KAFKA_START_TIMEOUT      seconds to wait for readiness (default 90)
 #   KAFKA_HEAP_OPTS          default "-Xms256m -Xmx768m"
 #   KAFKA_JVM_OPTS           extra JVM options
+#   KAFKA_EXTRA_PROPERTIES   extra server.properties lines (newline-separated), appended
 #   JAVA_HOME                used if set (Java 17+ required)
 #
 # The jars are fetched once with Maven (kafka/pom.xml) into .kafka/lib.
@@ -159,6 +160,9 @@ log.segment.bytes=16777216
 log.retention.hours=24
 log.retention.check.interval.ms=300000
 EOF
+  if [[ -n "${KAFKA_EXTRA_PROPERTIES:-}" ]]; then
+    printf '%s\n' "$KAFKA_EXTRA_PROPERTIES" >>"$INST/server.properties"
+  fi
 }
 
 format_storage() {

@@ -109,6 +109,8 @@ class Run:
                 raise TimeoutError(f"timed out waiting for {what}")
             if primary is not None and primary.proc.poll() is not None:
                 self.exits += 1
+                self.failures.append(f"processor exited with rc={primary.proc.returncode} "
+                                     "without being killed")
                 say(f"processor exited unexpectedly (rc={primary.proc.returncode}, log "
                     f"{primary.log}); restarting it")
                 primary = Processor(self.env, self.logs)

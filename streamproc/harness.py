@@ -1,24 +1,37 @@
-"""The crash suite's moving parts: the harness's own broker, the processor as a subprocess,
-and the independent ``read_committed`` readers that check the answers
-(see :mod:`streamproc.chaos`)."""
+"""The moving parts of the crash suite (:mod:`streamproc.chaos`) and the fault matrix
+(:mod:`streamproc.matrix`): the harness's own broker, the processor as a subprocess, a model
+that can be slowed down or broken, and the independent ``read_committed`` readers that check
+the answers.
+
+``python -m streamproc.harness serve [--item-delay-s S] [--break-on MARKER]`` is
+``streamproc run`` with the identity summarizer behind a :class:`BreakableModel`."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from .errors import StreamprocError
 from .progress import Progress
+from .settings import GPUConfig, Settings, load_settings
+from .summarizers import IdentitySummarizer, summarize_batch
+from .worker import GPUWorker
 
-__all__ = ["BAD", "PORT", "Processor", "Tracker", "broker", "read_committed", "reader", "say"]
+if TYPE_CHECKING:
+    from .engine import SummaryWorker
+
+__all__ = ["BAD", "PORT", "BreakableModel", "Processor", "Tracker", "breakable_worker", "broker",
+           "read_committed", "reader", "say"]
 
 KAFKA_SH = Path(__file__).resolve().parent.parent / "scripts" / "kafka.sh"
 # Not 39092: ports from 32768 up are Linux's ephemeral range, and a client that reconnects to
@@ -33,11 +46,12 @@ def say(message: str) -> None:
     print(f"chaos: {message}", file=sys.stderr, flush=True)
 
 
-def broker(action: str, *extra: str) -> None:
-    """Run scripts/kafka.sh for the harness's own broker (PORT, DATA_DIR)."""
+def broker(action: str, *extra: str, properties: str = "") -> None:
+    """Run scripts/kafka.sh for the harness's own broker (PORT, DATA_DIR); ``properties``
+    are extra server.properties lines."""
     env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
     env.update(KAFKA_PORT=str(PORT), KAFKA_CONTROLLER_PORT=str(CONTROLLER_PORT),
-               KAFKA_DATA_DIR=DATA_DIR)
+               KAFKA_DATA_DIR=DATA_DIR, KAFKA_EXTRA_PROPERTIES=properties)
     for attempt in range(3):
         done = subprocess.run(["bash", str(KAFKA_SH), action, *extra], env=env, text=True,
                               capture_output=True, timeout=240, check=False)
@@ -48,17 +62,53 @@ def broker(action: str, *extra: str) -> None:
     raise RuntimeError(f"kafka.sh {action} failed:\n{done.stderr[-2000:]}")
 
 
+class BreakableModel:
+    """The identity summarizer, ``item_delay_s`` slower per item; after a batch holding
+    ``break_on`` it fails every call, as a GPU does after a device-side assert."""
+
+    def __init__(self, device: str, item_delay_s: float, break_on: str | None) -> None:
+        self.inner = IdentitySummarizer(device)
+        self.item_delay_s = item_delay_s
+        self.break_on = break_on
+        self.broken = False
+
+    def __call__(self, texts: list[str]) -> list[str]:
+        if self.item_delay_s:
+            time.sleep(self.item_delay_s * len(texts))
+        if self.break_on is not None and any(self.break_on in text for text in texts):
+            self.broken = True
+        if self.broken:
+            raise RuntimeError("CUDA error: device-side assert triggered (simulated)")
+        return summarize_batch(self.inner, texts)
+
+
+def breakable_worker(settings: Settings, item_delay_s: float = 0.0,
+                     break_on: str | None = None) -> SummaryWorker:
+    """A GPUWorker over :class:`BreakableModel` replicas, configured by ``settings``; its
+    probe payload is a plain sentence."""
+    config = GPUConfig.from_settings(settings, warmup_payloads=("A known good sentence.",))
+
+    def load(device: str) -> BreakableModel:
+        return BreakableModel(device, item_delay_s, break_on)
+
+    return GPUWorker(load, config, BreakableModel.__call__)  # type: ignore[arg-type]
+
+
 class Processor:
-    """One ``python -m streamproc run`` subprocess; stdout and stderr go to a log file."""
+    """One ``python -m streamproc run`` subprocess, or, with ``serve_args``, ``python -m
+    streamproc.harness serve`` (the same service over a :class:`BreakableModel`); stdout and
+    stderr go to a log file."""
 
     started = 0
 
-    def __init__(self, env: dict[str, str], logs: Path) -> None:
+    def __init__(self, env: dict[str, str], logs: Path, *serve_args: str) -> None:
         Processor.started += 1
         self.log = logs / f"processor-{Processor.started:02d}.log"
         with self.log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "streamproc", "run"], cwd=logs,
-                                         env=env, stdout=out, stderr=subprocess.STDOUT,
+            command = (["streamproc.harness", "serve", *serve_args] if serve_args
+                       else ["streamproc", "run"])
+            self.proc = subprocess.Popen([sys.executable, "-m", *command], cwd=logs, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     def kill(self) -> None:
@@ -69,8 +119,13 @@ class Processor:
     def has_partitions(self) -> bool:
         return "partitions assigned: ['" in self.log.read_text(errors="replace")
 
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
     async def terminate(self, timeout_s: float = 60) -> int | None:
-        """SIGTERM and wait; the exit code, or None (and kill -9) if it did not exit in time."""
+        """SIGTERM and wait; the exit code, or None (and kill -9) if it did not exit in time.
+        :attr:`exit_s` is how long the exit took."""
+        started = time.monotonic()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -78,6 +133,8 @@ class Processor:
         except subprocess.TimeoutExpired:
             self.kill()
             return None
+        finally:
+            self.exit_s = time.monotonic() - started
 
 
 class Tracker:
@@ -150,3 +207,29 @@ async def read_committed(bootstrap: str, tps: list[TopicPartition]) -> list[Any]
         return out
     finally:
         await consumer.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .logs import configure_logging
+    from .service import run_service
+
+    parser = argparse.ArgumentParser(prog="python -m streamproc.harness")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="streamproc run, with a breakable identity model")
+    serve.add_argument("--item-delay-s", type=float, default=0.0)
+    serve.add_argument("--break-on", default=None)
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        configure_logging(settings)
+        worker = breakable_worker(settings, args.item_delay_s, args.break_on)
+        return asyncio.run(run_service(settings, worker))
+    except StreamprocError as exc:
+        logging.getLogger("streamproc.harness").error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 
-from .engine import build_worker
+from .engine import SummaryWorker, build_worker
 from .observability import Observability
 from .pipeline import StreamProcessor
 from .settings import Settings
@@ -79,10 +79,11 @@ async def report_loop(processor: StreamProcessor, observability: Observability,
                         "processes to the group, or raise GPU_BATCH_SIZE", lag_growth, lag)
 
 
-async def run_service(settings: Settings) -> int:
+async def run_service(settings: Settings, worker: SummaryWorker | None = None) -> int:
     """Serve health at once, load and warm the model, join the group, process until SIGTERM
-    or SIGINT, then drain, produce, commit and close. Returns the exit code."""
-    worker = build_worker(settings)
+    or SIGINT, then drain, produce, commit and close. Returns the exit code. ``worker``
+    replaces the one the settings describe (the fault matrix's breakable model)."""
+    worker = worker or build_worker(settings)
     processor = StreamProcessor(settings, worker)
     loop = asyncio.get_running_loop()
     watchdog = _exit_watchdog(settings)
