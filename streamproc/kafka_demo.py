@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import subprocess
 import sys
@@ -24,7 +23,6 @@ from .settings import Settings
 
 __all__ = ["BAD_RECORDS", "produce_file", "run_kafka_demo"]
 
-log = logging.getLogger("streamproc.demo")
 KAFKA_SH = Path(__file__).resolve().parent.parent / "scripts" / "kafka.sh"
 
 # Deliberately bad records, one of each kind the dead-letter topic must explain.
