@@ -16,11 +16,11 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from .local_broker import KAFKA_SH
 from .progress import Progress
 
 __all__ = ["BAD", "PORT", "Processor", "Tracker", "broker", "read_committed", "reader", "say"]
 
-KAFKA_SH = Path(__file__).resolve().parent.parent / "scripts" / "kafka.sh"
 # Not 39092: ports from 32768 up are Linux's ephemeral range, and a client that reconnects to
 # a stopped broker there soon gets the broker's port as its own (a TCP self-connect); the
 # socket's TIME_WAIT then keeps the broker from binding again, so it could not be restarted.
