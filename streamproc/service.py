@@ -90,6 +90,11 @@ async def run_service(settings: Settings) -> int:
             # be read again: fail it now rather than run it past the grace period.
             await worker.stop(drain_s=0)
             log.info("stopped cleanly: %s", processor.stats.as_dict())
+    except BaseException:
+        if not processor.started:  # failed before Kafka: close the unused clients quietly
+            await processor.consumer.stop()
+            await processor.sink.stop()
+        raise
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
