@@ -131,9 +131,9 @@ class Observability:
             try:
                 self._server = await asyncio.start_server(self._handle, host, port)
             except OSError as exc:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
                 raise ConfigError("METRICS_PORT", port, f"cannot listen on {host}:{port} "
-                                  f"({os.strerror(exc.errno) if exc.errno else exc}); pick a free port, or 0 for "
-                                  "none") from None
+                                  f"({why}); pick a free port, or 0 for none") from None
             self.port = self._server.sockets[0].getsockname()[1]
             log.info("metrics and health on http://%s:%d/metrics", self.settings.metrics_host,
                      self.port)
