@@ -26,6 +26,7 @@ from .messages import FeedItem, SourceRef, Summary, decode_feed_item
 from .offsets import OffsetTracker
 from .planner import DeviceMemory, DevicePlan, plan_device
 from .settings import GPUConfig, Settings, load_settings
+from .tasks import TaskEnums
 from .worker import GPUWorker
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ __all__ = [
     "StreamprocError",
     "Summarizer",
     "Summary",
+    "TaskEnums",
     "WorkerClosed",
     "build_worker",
     "decode_feed_item",

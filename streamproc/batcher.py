@@ -62,10 +62,6 @@ class MicroBatcher(Generic[T]):
     def full(self) -> bool:
         return len(self._items) >= self.maxsize
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     async def put(self, item: T) -> None:
         """Add one item, waiting while the buffer is full."""
         await self.put_many((item,))
@@ -82,11 +78,6 @@ class MicroBatcher(Generic[T]):
             room = self.maxsize - len(self._items)
             self._append(items[start:start + room])
             start += room
-
-    def put_nowait(self, item: T) -> None:
-        if self.full() and not self._closed:
-            raise asyncio.QueueFull
-        self._append((item,))
 
     def _append(self, items: Sequence[T]) -> None:
         """Enqueue items that fit, stamped with one arrival time; each cost is computed here,

@@ -31,7 +31,7 @@ def plan_report(settings: Settings) -> dict[str, Any]:
     from .planner import plan_device, probe_memory, resolve_devices
 
     config = GPUConfig.from_settings(settings)
-    plans = [plan_device(probe_memory(d), config) for d in resolve_devices(config.device_ids)]
+    plans = [plan_device(probe_memory(d), config) for d in resolve_devices(config)]
     return {"settings": settings.masked(), "model": settings.resolved_model_name,
             "plan": [p.as_dict() for p in plans], "describe": [p.describe() for p in plans]}
 
@@ -54,9 +54,16 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    """The whole path on the bundled sample feed, offline: through Kafka (``kafka_demo``),
+    or the engine alone (``demo``)."""
+    from .demo import demo_settings, run_engine_demo
 
-    return asyncio.run(run_demo(settings, engine_only=args.engine_only))
+    settings = demo_settings(settings)
+    if args.engine_only:
+        return asyncio.run(run_engine_demo(settings))
+    from .kafka_demo import run_kafka_demo
+
+    return asyncio.run(run_kafka_demo(settings))
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:

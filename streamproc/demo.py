@@ -1,8 +1,8 @@
-"""``streamproc demo``: the whole path on the bundled sample feed, offline."""
+"""``streamproc demo``: the demo's settings and output, and its engine-only half (the Kafka
+half is :mod:`streamproc.kafka_demo`)."""
 
 from __future__ import annotations
 
-import logging
 import textwrap
 from typing import Any
 
@@ -11,9 +11,7 @@ import orjson
 from .engine import build_worker, sample_feed
 from .settings import Settings
 
-__all__ = ["demo_settings", "run_demo"]
-
-log = logging.getLogger("streamproc.demo")
+__all__ = ["demo_settings", "print_metrics", "run_engine_demo"]
 
 
 def demo_settings(settings: Settings) -> Settings:
@@ -44,12 +42,3 @@ async def run_engine_demo(settings: Settings) -> int:
             print(textwrap.indent(textwrap.fill(result, 96), "  "))
     print_metrics("worker metrics", metrics)
     return 1 if failed else 0
-
-
-async def run_demo(settings: Settings, *, engine_only: bool = False) -> int:
-    settings = demo_settings(settings)
-    if engine_only:
-        return await run_engine_demo(settings)
-    from .kafka_demo import run_kafka_demo
-
-    return await run_kafka_demo(settings)

@@ -10,7 +10,7 @@ from .settings import GPUConfig, Settings
 from .summarizers import Summarizer, load_summarizer, prepare_batch, run_prepared
 from .worker import GPUWorker
 
-__all__ = ["SummaryWorker", "build_worker", "estimate_tokens", "sample_feed"]
+__all__ = ["SummaryWorker", "build_worker", "estimate_tokens", "sample_feed", "warmup_texts"]
 
 SummaryWorker = GPUWorker[Summarizer, str, str]
 
@@ -27,16 +27,17 @@ def estimate_tokens(max_input_tokens: int, text: str) -> int:
     return min(max_input_tokens, len(text) // 4 + 2)
 
 
-def warmup_texts(settings: Settings) -> tuple[str, ...]:
+def warmup_texts(max_input_tokens: int, batch_size: int) -> tuple[str, ...]:
     """A full batch of inputs as long as the model will read, so the warm-up's peak memory
     is the worst case the planner must leave room for."""
     paragraph = " ".join(item.text for item in sample_feed())
-    long_text = (paragraph + " ") * (settings.max_input_tokens * 4 // len(paragraph) + 1)
-    return (long_text[: settings.max_input_tokens * 4],) * settings.gpu_batch_size
+    long_text = (paragraph + " ") * (max_input_tokens * 4 // len(paragraph) + 1)
+    return (long_text[: max_input_tokens * 4],) * batch_size
 
 
 def build_worker(settings: Settings) -> SummaryWorker:
-    config = GPUConfig.from_settings(settings, warmup_payloads=warmup_texts(settings))
+    config = GPUConfig.from_settings(settings, warmup_payloads=warmup_texts(
+        settings.max_input_tokens, settings.gpu_batch_size))
     return GPUWorker(
         functools.partial(load_summarizer, settings),
         config,

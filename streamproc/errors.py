@@ -1,6 +1,5 @@
 """The error tree. Behaviour lives on the classes, not in ``isinstance`` ladders.
 
-``retriable``     the same operation may succeed if tried again (broker lost, replica crashed).
 ``dead_letter``   the record can never succeed; it goes to the dead-letter topic and its
                   offset counts as complete.
 ``reason_code``   a short, stable, machine-readable tag used in DLQ headers and metrics.
@@ -28,7 +27,6 @@ __all__ = [
 class StreamprocError(Exception):
     """Base of every error streamproc raises on purpose."""
 
-    retriable: bool = False
     dead_letter: bool = False
     reason_code: str = "error"
 
@@ -68,7 +66,6 @@ class InferenceFailed(StreamprocError):
 class OutOfMemory(InferenceFailed):
     """Device memory ran out. The worker splits the batch and retries."""
 
-    retriable = True
     reason_code = "out_of_memory"
 
 
@@ -106,7 +103,6 @@ class ModelLoadError(StreamprocError):
 class BrokerUnavailable(StreamprocError):
     """Kafka could not be reached."""
 
-    retriable = True
     reason_code = "broker_unavailable"
 
 

@@ -22,6 +22,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from .errors import StreamprocError
+from .local_broker import KAFKA_SH
 from .progress import Progress
 from .settings import GPUConfig, Settings, load_settings
 from .summarizers import IdentitySummarizer, summarize_batch
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 __all__ = ["BAD", "PORT", "BreakableModel", "Processor", "Tracker", "breakable_worker", "broker",
            "read_committed", "reader", "say"]
 
-KAFKA_SH = Path(__file__).resolve().parent.parent / "scripts" / "kafka.sh"
 # Not 39092: ports from 32768 up are Linux's ephemeral range, and a client that reconnects to
 # a stopped broker there soon gets the broker's port as its own (a TCP self-connect); the
 # socket's TIME_WAIT then keeps the broker from binding again, so it could not be restarted.

@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import errors as kafka_errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -19,7 +22,7 @@ from .errors import BrokerUnavailable, ConfigError, StreamprocError
 from .settings import Settings
 
 __all__ = [
-    "broker_answers", "client_options", "consumer_for", "ensure_topics",
+    "broker_answers", "client_options", "connect_problem", "consumer_for", "ensure_topics",
     "producer_for", "record_size", "start_with_retry",
 ]
 
@@ -82,9 +85,43 @@ def producer_for(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**client_options(settings), **options)
 
 
+def connect_problem(exc: BaseException, settings: Settings) -> ConfigError | None:
+    """A connection failure that no retry can fix, as the setting to change; None for one
+    that may pass (broker not up yet, network)."""
+    mechanism = settings.kafka_sasl_mechanism or "PLAIN"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConfigError("KAFKA_SSL_CAFILE", settings.kafka_ssl_cafile,
+                           f"the broker's TLS certificate was not trusted ({exc.verify_message}); "
+                           "point KAFKA_SSL_CAFILE at the CA that signed it")
+    if isinstance(exc, kafka_errors.UnsupportedSaslMechanismError):
+        return ConfigError("KAFKA_SASL_MECHANISM", mechanism, str(exc))
+    auth_failed = kafka_errors.SaslAuthenticationFailed | kafka_errors.AuthenticationFailedError
+    if isinstance(exc, auth_failed):
+        return ConfigError("KAFKA_SASL_USERNAME", settings.kafka_sasl_username,
+                           f"SASL {mechanism} authentication failed ({exc}); check "
+                           "KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and KAFKA_SASL_MECHANISM")
+    return None
+
+
+async def _connect_error(settings: Settings) -> BaseException | None:
+    """Why one connection to the first bootstrap server fails, or None if it succeeds. The
+    clients only say "Unable to bootstrap"; a single connection raises the cause itself."""
+    options = client_options(settings)
+    host, _, port = options.pop("bootstrap_servers").split(",")[0].strip().rpartition(":")
+    options["request_timeout_ms"] = 10_000
+    try:
+        conn = await create_conn(host.strip("[]") or "127.0.0.1", int(port), **options)
+    except Exception as exc:
+        return exc
+    conn.close()
+    return None
+
+
 async def start_with_retry(name: str, start: Callable[[], Awaitable[None]],
                            settings: Settings) -> None:
-    """Start a client, retrying with backoff for ``KAFKA_CONNECT_TIMEOUT_S`` at most."""
+    """Start a client, retrying with backoff for ``KAFKA_CONNECT_TIMEOUT_S`` at most. A
+    failure no retry can fix (SASL authentication, an untrusted certificate) raises a
+    :class:`ConfigError` at once."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.kafka_connect_timeout_s
     delay = 0.5
@@ -93,6 +130,9 @@ async def start_with_retry(name: str, start: Callable[[], Awaitable[None]],
             await start()
             return
         except (KafkaConnectionError, OSError) as exc:
+            problem = connect_problem(await _connect_error(settings) or exc, settings)
+            if problem is not None:
+                raise problem from None
             if loop.time() + delay > deadline:
                 raise BrokerUnavailable(
                     f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS="

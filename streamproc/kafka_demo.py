@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -18,14 +16,13 @@ from .demo import print_metrics
 from .engine import build_worker, feed_lines, sample_feed
 from .errors import BrokerUnavailable
 from .kafka_clients import broker_answers, client_options, producer_for, start_with_retry
+from .local_broker import KAFKA_SH
 from .pipeline import StreamProcessor
 from .progress import Progress
 from .settings import Settings
 
 __all__ = ["BAD_RECORDS", "produce_file", "run_kafka_demo"]
 
-log = logging.getLogger("streamproc.demo")
-KAFKA_SH = Path(__file__).resolve().parent.parent / "scripts" / "kafka.sh"
 
 # Deliberately bad records, one of each kind the dead-letter topic must explain.
 BAD_RECORDS: list[tuple[str, bytes]] = [
@@ -38,12 +35,9 @@ BAD_RECORDS: list[tuple[str, bytes]] = [
 
 
 def start_local_broker(settings: Settings) -> bool:
-    """Start the repo's single-node broker if nothing answers. True if this call started it."""
+    """Start the packaged single-node broker if nothing answers. True if this call started it."""
     if broker_answers(settings.kafka_bootstrap_servers):
         return False
-    if not KAFKA_SH.exists():
-        raise BrokerUnavailable(f"no broker at {settings.kafka_bootstrap_servers} and no "
-                                "scripts/kafka.sh to start one; set KAFKA_BOOTSTRAP_SERVERS")
     port = settings.kafka_bootstrap_servers.split(",")[0].rpartition(":")[2]
     env = {**os.environ, "KAFKA_PORT": port, "KAFKA_CONTROLLER_PORT": str(int(port) + 1)}
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
@@ -51,7 +45,8 @@ def start_local_broker(settings: Settings) -> bool:
     done = subprocess.run(["bash", str(KAFKA_SH), "start"], env=env, capture_output=True,
                           text=True, check=False)
     if done.returncode != 0:
-        raise BrokerUnavailable(f"scripts/kafka.sh start failed:\n{done.stdout}{done.stderr}")
+        raise BrokerUnavailable(f"could not start a local broker ({KAFKA_SH} start); set "
+                                f"KAFKA_BOOTSTRAP_SERVERS to a running one:\n{done.stderr}")
     return True
 
 

@@ -44,7 +44,7 @@ async def build_layout(
     calibration report."""
     plans: list[DevicePlan] = []
     report: TuneReport | None = None
-    for device in resolve_devices(config.device_ids):
+    for device in resolve_devices(config):
         config, plan, report = await _load_device(loader, config, direct, replicas, device,
                                                   report)
         plans.append(plan)
@@ -71,7 +71,7 @@ async def _load_device(
         report = await tune_batch_size(first, direct, cfg.warmup_payloads,
                                        GPU_BUDGET_S if cuda else CPU_BUDGET_S, fitting, warmup)
         if report.batch_size is not None:
-            cfg = dataclasses.replace(cfg, batch_size=report.batch_size)
+            cfg = cfg.model_copy(update={"batch_size": report.batch_size})
             activation_gb = report.peak_activation_gb[cfg.batch_size]
     model_gb = None
     if before.free_gb is not None and after_load.free_gb is not None:

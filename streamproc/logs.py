@@ -10,7 +10,7 @@ import orjson
 
 from .settings import Settings
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "TransientCoordinatorErrors", "configure_logging"]
 
 
 class JsonFormatter(logging.Formatter):
@@ -29,6 +29,20 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class TransientCoordinatorErrors(logging.Filter):
+    """aiokafka logs a retriable failure to find the group coordinator as ERROR, then retries.
+    On a fresh broker that is routine (``GroupCoordinatorNotAvailableError`` until the
+    offsets topic exists), not an error: such records become DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.msg == "Group Coordinator Request failed: %s" and args \
+                and getattr(args[0], "retriable", False):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
@@ -40,3 +54,6 @@ def configure_logging(settings: Settings) -> None:
     root.setLevel(settings.log_level)
     for noisy in ("aiokafka", "kafka", "transformers", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    coordinator = logging.getLogger("aiokafka.consumer.group_coordinator")
+    if not any(isinstance(f, TransientCoordinatorErrors) for f in coordinator.filters):
+        coordinator.addFilter(TransientCoordinatorErrors())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -20,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .errors import ConfigError
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -125,8 +127,13 @@ class Observability:
 
     async def start(self) -> None:
         if self._server is None and self.settings.metrics_port:
-            self._server = await asyncio.start_server(
-                self._handle, self.settings.metrics_host, self.settings.metrics_port)
+            host, port = self.settings.metrics_host, self.settings.metrics_port
+            try:
+                self._server = await asyncio.start_server(self._handle, host, port)
+            except OSError as exc:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                raise ConfigError("METRICS_PORT", port, f"cannot listen on {host}:{port} "
+                                  f"({why}); pick a free port, or 0 for none") from None
             self.port = self._server.sockets[0].getsockname()[1]
             log.info("metrics and health on http://%s:%d/metrics", self.settings.metrics_host,
                      self.port)

@@ -115,21 +115,31 @@ def plan_device(
     )
 
 
-def resolve_devices(device_ids: list[int] | Literal["cpu"] | None) -> list[str]:
-    """``GPU_DEVICE_IDS`` to torch device strings: all visible GPUs by default, else the CPU."""
-    if device_ids == "cpu":
+def resolve_devices(config: GPUConfig) -> list[str]:
+    """``GPU_DEVICE_IDS`` to torch device strings: all visible GPUs by default, else the CPU.
+    The spec's ``device_id`` names one GPU; without CUDA it falls back to the CPU, warning."""
+    if config.device_ids == "cpu":
         return ["cpu"]
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if device_ids is None:
+    if config.device_id is not None:
+        if count == 0:
+            log.warning("device_id=%d: no CUDA device here; running on the CPU",
+                        config.device_id)
+            return ["cpu"]
+        wanted: list[int] = [config.device_id]
+    elif config.device_ids is None:
         return [f"cuda:{i}" for i in range(count)] or ["cpu"]
-    missing = [i for i in device_ids if i >= count]
+    else:
+        wanted = config.device_ids
+    missing = [i for i in wanted if i >= count]
     if missing:
         from .errors import ConfigError
 
-        raise ConfigError("GPU_DEVICE_IDS", device_ids, f"only {count} CUDA device(s) visible")
-    return [f"cuda:{i}" for i in device_ids]
+        variable = "GPU_DEVICE_IDS" if config.device_id is None else "device_id"
+        raise ConfigError(variable, wanted, f"only {count} CUDA device(s) visible")
+    return [f"cuda:{i}" for i in wanted]
 
 
 def probe_memory(device: str) -> DeviceMemory:

@@ -57,23 +57,15 @@ class Seq2SeqSummarizer:
     """An abstractive encoder-decoder summarizer (default ``facebook/bart-large-cnn``)."""
 
     def __init__(
-        self, model_name: str, device: str = "cpu", *, max_input_tokens: int = 1024,
-        use_fp16: bool = False, generation: Mapping[str, Any] | None = None,
+        self, model: Any, tokenizer: Any, *, model_name: str, device: str = "cpu",
+        max_input_tokens: int = 1024, generation: Mapping[str, Any] | None = None,
         static_cache: bool = False,
     ) -> None:
-        dtype = torch_dtype(device, use_fp16)
-
-        def load(source: str, local_only: bool) -> tuple[Any, Any]:
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-            model = AutoModelForSeq2SeqLM.from_pretrained(
-                source, local_files_only=local_only, dtype=dtype
-            )
-            return tokenizer, model
-
+        """Wrap a loaded model (already on ``device``) and its tokenizer."""
         self.model_name = model_name
         self.device = device
-        self.tokenizer, model = load_pretrained(model_name, load)
-        self.model = model.to(device).eval()
+        self.tokenizer = tokenizer
+        self.model = model
         self._tokenizer_lock = threading.Lock()  # fast tokenizers are not thread-safe
         pad_id = self.tokenizer.pad_token_id
         self._pad_id = int(pad_id if pad_id is not None else self.model.config.pad_token_id or 0)
@@ -90,6 +82,27 @@ class Seq2SeqSummarizer:
         self.generation_config = config  # what generation means; _call_config is how it runs
         self.static_cache = static_cache and device.startswith("cuda")
         self._configure_call()
+
+    @classmethod
+    def load(
+        cls, model_name: str, device: str = "cpu", *, max_input_tokens: int = 1024,
+        use_fp16: bool = False, generation: Mapping[str, Any] | None = None,
+        static_cache: bool = False,
+    ) -> Seq2SeqSummarizer:
+        """Load ``model_name`` (a directory, the HF cache or the Hub) onto ``device``."""
+        dtype = torch_dtype(device, use_fp16)
+
+        def load(source: str, local_only: bool) -> tuple[Any, Any]:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+            model = AutoModelForSeq2SeqLM.from_pretrained(
+                source, local_files_only=local_only, dtype=dtype
+            )
+            return tokenizer, model
+
+        tokenizer, model = load_pretrained(model_name, load)
+        return cls(model.to(device).eval(), tokenizer, model_name=model_name, device=device,
+                   max_input_tokens=max_input_tokens, generation=generation,
+                   static_cache=static_cache)
 
     def _configure_call(self) -> None:
         config = copy.deepcopy(self.generation_config)

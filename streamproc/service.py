@@ -116,6 +116,11 @@ async def run_service(settings: Settings, worker: SummaryWorker | None = None) -
             # be read again: fail it now rather than run it past the grace period.
             await worker.stop(drain_s=0)
             log.info("stopped cleanly: %s", processor.stats.as_dict())
+    except BaseException:
+        if not processor.started:  # failed before Kafka: close the unused clients quietly
+            await processor.consumer.stop()
+            await processor.sink.stop(within_s=2.0)
+        raise
     finally:
         watchdog.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):

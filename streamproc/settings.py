@@ -7,18 +7,144 @@ and the value, so a bad setting stops start-up with a message a person can act o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import copy
+import functools
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_SEQ2SEQ_MODEL", "GPUConfig", "Settings", "load_settings"]
+__all__ = ["DEFAULT_SEQ2SEQ_MODEL", "GPUConfig", "Settings", "engine_fields", "load_settings"]
 
 DEFAULT_SEQ2SEQ_MODEL = "facebook/bart-large-cnn"
 _NONE_STRINGS = {"", "null", "none"}
+
+
+def _device_ids(value: Any) -> Any:
+    """``GPU_DEVICE_IDS``: ``all`` (or unset), ``cpu``, or GPU ids like ``0,1``."""
+    if isinstance(value, int):
+        return [value]
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    if text in _NONE_STRINGS or text == "all":
+        return None
+    if text == "cpu":
+        return "cpu"
+    try:
+        ids = [int(part) for part in text.strip("[]").split(",") if part.strip()]
+    except ValueError:
+        raise ValueError("expected 'all', 'cpu' or GPU ids like '0,1'") from None
+    if not ids or min(ids) < 0:
+        raise ValueError("GPU ids must be non-negative integers")
+    return ids
+
+
+DeviceIds = Annotated[list[int] | Literal["cpu"] | None, BeforeValidator(_device_ids)]
+
+
+def _config_error(exc: ValidationError, variable: Callable[[str], str], whole: str) -> ConfigError:
+    """A :class:`ConfigError` naming the first bad variable (``variable`` maps a field name
+    to it; ``whole`` names a problem of no single field) and listing every problem."""
+    errors = exc.errors()
+    names = [variable(str(e["loc"][0])) if e["loc"] else whole for e in errors]
+    problems = "; ".join(f"{name}: {e['msg']}" for name, e in zip(names, errors, strict=True))
+    return ConfigError(names[0], errors[0].get("input"), problems)
+
+
+class GPUConfig(BaseModel):
+    """What :class:`~streamproc.worker.GPUWorker` needs: the library face of the GPU settings.
+
+    Each field's default and range are declared here, once: the matching ``Settings`` fields
+    (``GPU_BATCH_SIZE`` for ``batch_size``, ...) are built from them (:func:`_engine`), so the
+    engine stays usable without the service's settings and no default can drift. A bad value
+    raises :class:`ConfigError` naming the variable.
+
+    The spec's names work too: ``max_batch_size`` is ``batch_size``, and ``device_id`` picks
+    one device (``cuda:{device_id}``; on a machine without CUDA, the CPU, with a warning).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enable_multi_model_instances: bool = True
+    max_model_instances: int | None = Field(default=None, ge=1)
+    model_memory_buffer_gb: float = Field(default=2.0, ge=0)
+    estimated_model_size_gb: float = Field(default=1.5, gt=0)
+    batch_size: int = Field(default=48, ge=1)
+    max_delay_ms: float = Field(default=50.0, ge=0)
+    queue_size: int = Field(default=1000, ge=1)
+    use_fp16: bool = True
+    enable_warmup: bool = True
+    pool_enabled: bool = True
+    pool_max_instances: int = Field(default=1, ge=1)
+    device_ids: DeviceIds = None
+    device_id: int | None = Field(default=None, ge=0)  # the spec's one device
+    max_batch_tokens: int | None = Field(default=None, ge=1)
+    length_sort_window: int | None = Field(default=None, ge=0)  # None: 4 x batch_size with a cost
+    autotune: bool = False
+    autotune_candidates: tuple[int, ...] | None = None  # None: autotune.{GPU,CPU}_CANDIDATES
+    replica_max_failures: int = Field(default=3, ge=1)
+    warmup_payloads: tuple[Any, ...] = ()
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            names = {engine: name.upper() for name, engine in engine_fields().items()}
+            raise _config_error(exc, lambda field: names.get(field, field), "GPUConfig") from None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spec_names(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "max_batch_size" in values:
+            values = dict(values)
+            size = values.pop("max_batch_size")
+            if values.setdefault("batch_size", size) != size:
+                raise ValueError("max_batch_size and batch_size are the same setting; give one")
+        return values
+
+    @model_validator(mode="after")
+    def _one_device_choice(self) -> GPUConfig:
+        if self.device_id is not None and self.device_ids is not None:
+            raise ValueError("device_id and device_ids both choose devices; give one")
+        return self
+
+    @property
+    def max_batch_size(self) -> int:
+        """The spec's name for :attr:`batch_size`."""
+        return self.batch_size
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **extra: Any) -> GPUConfig:
+        values = {engine: getattr(settings, name) for name, engine in engine_fields().items()}
+        return cls(**values, autotune=settings.autotune_enabled, **extra)
+
+
+def _engine(name: str) -> Any:
+    """A ``Settings`` field with the default and range of ``GPUConfig.<name>``."""
+    info = copy.deepcopy(GPUConfig.model_fields[name])
+    info.json_schema_extra = {"gpu_config": name}
+    return info
+
+
+@functools.cache
+def engine_fields() -> dict[str, str]:
+    """``Settings`` field -> the ``GPUConfig`` field it feeds."""
+    return {name: str(info.json_schema_extra["gpu_config"])
+            for name, info in Settings.model_fields.items()
+            if isinstance(info.json_schema_extra, dict) and "gpu_config" in info.json_schema_extra}
 
 
 class Settings(BaseSettings):
@@ -30,24 +156,25 @@ class Settings(BaseSettings):
     )
 
     # --- GPU engine (names from the spec) -------------------------------------------------
-    gpu_enable_multi_model_instances: bool = True
-    gpu_max_model_instances: int | None = Field(default=None, ge=1)
-    gpu_model_memory_buffer_gb: float = Field(default=2.0, ge=0)
-    gpu_estimated_model_size_gb: float = Field(default=1.5, gt=0)
-    gpu_batch_size: int = Field(default=48, ge=1)
-    gpu_max_delay_ms: float = Field(default=50, ge=0)
-    gpu_queue_size: int = Field(default=1000, ge=1)
-    gpu_use_fp16: bool = True
-    gpu_enable_warmup: bool = True
-    model_pool_enabled: bool = True
-    model_pool_max_instances: int = Field(default=1, ge=1)
+    # Defaults and ranges of the engine's fields come from GPUConfig (_engine).
+    gpu_enable_multi_model_instances: bool = _engine("enable_multi_model_instances")
+    gpu_max_model_instances: int | None = _engine("max_model_instances")
+    gpu_model_memory_buffer_gb: float = _engine("model_memory_buffer_gb")
+    gpu_estimated_model_size_gb: float = _engine("estimated_model_size_gb")
+    gpu_batch_size: int = _engine("batch_size")
+    gpu_max_delay_ms: float = _engine("max_delay_ms")
+    gpu_queue_size: int = _engine("queue_size")
+    gpu_use_fp16: bool = _engine("use_fp16")
+    gpu_enable_warmup: bool = _engine("enable_warmup")
+    model_pool_enabled: bool = _engine("pool_enabled")
+    model_pool_max_instances: int = _engine("pool_max_instances")
     # --- engine additions ------------------------------------------------------------------
-    gpu_device_ids: list[int] | Literal["cpu"] | None = None
-    gpu_max_batch_tokens: int | None = Field(default=None, ge=1)
-    gpu_length_sort_window: int | None = Field(default=None, ge=0)
+    gpu_device_ids: list[int] | Literal["cpu"] | None = _engine("device_ids")  # its parsing too
+    gpu_max_batch_tokens: int | None = _engine("max_batch_tokens")
+    gpu_length_sort_window: int | None = _engine("length_sort_window")
     gpu_autotune: bool = True
     gpu_static_cache: bool = False
-    replica_max_failures: int = Field(default=3, ge=1)
+    replica_max_failures: int = _engine("replica_max_failures")
     # --- model -----------------------------------------------------------------------------
     summarizer: Literal["seq2seq", "extractive", "identity"] = "seq2seq"
     model_name: str | None = None
@@ -110,26 +237,6 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("gpu_device_ids", mode="before")
-    @classmethod
-    def _device_ids(cls, value: Any) -> Any:
-        if isinstance(value, int):
-            return [value]
-        if not isinstance(value, str):
-            return value
-        text = value.strip().lower()
-        if text in _NONE_STRINGS or text == "all":
-            return None
-        if text == "cpu":
-            return "cpu"
-        try:
-            ids = [int(part) for part in text.strip("[]").split(",") if part.strip()]
-        except ValueError:
-            raise ValueError("expected 'all', 'cpu' or GPU ids like '0,1'") from None
-        if not ids or min(ids) < 0:
-            raise ValueError("GPU ids must be non-negative integers")
-        return ids
-
     @property
     def resolved_model_name(self) -> str:
         """``MODEL_NAME``, or the default for the summarizer kind."""
@@ -164,71 +271,4 @@ def load_settings(env_file: str | None = ".env", **overrides: Any) -> Settings:
     try:
         return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:
-        first = exc.errors()[0]
-        variable = str(first["loc"][0]).upper() if first["loc"] else "SETTINGS"
-        problems = "; ".join(
-            f"{str(e['loc'][0]).upper() if e['loc'] else '?'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(variable, first.get("input"), problems) from None
-
-
-@dataclass(frozen=True, slots=True)
-class GPUConfig:
-    """What :class:`~streamproc.worker.GPUWorker` needs; the library face of the GPU settings."""
-
-    enable_multi_model_instances: bool = True
-    max_model_instances: int | None = None
-    model_memory_buffer_gb: float = 2.0
-    estimated_model_size_gb: float = 1.5
-    batch_size: int = 48
-    max_delay_ms: float = 50.0
-    queue_size: int = 1000
-    use_fp16: bool = True
-    enable_warmup: bool = True
-    pool_enabled: bool = True
-    pool_max_instances: int = 1
-    device_ids: list[int] | Literal["cpu"] | None = None
-    max_batch_tokens: int | None = None
-    length_sort_window: int | None = None  # None: 4 x batch_size when a cost function is given
-    autotune: bool = False
-    autotune_candidates: tuple[int, ...] | None = None  # None: autotune.{GPU,CPU}_CANDIDATES
-    replica_max_failures: int = 3
-    warmup_payloads: tuple[Any, ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        checks = {
-            "GPU_BATCH_SIZE": self.batch_size >= 1,
-            "GPU_QUEUE_SIZE": self.queue_size >= 1,
-            "GPU_MAX_DELAY_MS": self.max_delay_ms >= 0,
-            "GPU_MODEL_MEMORY_BUFFER_GB": self.model_memory_buffer_gb >= 0,
-            "GPU_ESTIMATED_MODEL_SIZE_GB": self.estimated_model_size_gb > 0,
-            "MODEL_POOL_MAX_INSTANCES": self.pool_max_instances >= 1,
-            "REPLICA_MAX_FAILURES": self.replica_max_failures >= 1,
-        }
-        for variable, ok in checks.items():
-            if not ok:
-                raise ConfigError(variable, None, "out of range")
-        if self.max_model_instances is not None and self.max_model_instances < 1:
-            raise ConfigError("GPU_MAX_MODEL_INSTANCES", self.max_model_instances, "must be >= 1")
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **extra: Any) -> GPUConfig:
-        return cls(
-            enable_multi_model_instances=settings.gpu_enable_multi_model_instances,
-            max_model_instances=settings.gpu_max_model_instances,
-            model_memory_buffer_gb=settings.gpu_model_memory_buffer_gb,
-            estimated_model_size_gb=settings.gpu_estimated_model_size_gb,
-            batch_size=settings.gpu_batch_size,
-            max_delay_ms=settings.gpu_max_delay_ms,
-            queue_size=settings.gpu_queue_size,
-            use_fp16=settings.gpu_use_fp16,
-            enable_warmup=settings.gpu_enable_warmup,
-            pool_enabled=settings.model_pool_enabled,
-            pool_max_instances=settings.model_pool_max_instances,
-            device_ids=settings.gpu_device_ids,
-            max_batch_tokens=settings.gpu_max_batch_tokens,
-            length_sort_window=settings.gpu_length_sort_window,
-            autotune=settings.autotune_enabled,
-            replica_max_failures=settings.replica_max_failures,
-            **extra,
-        )
+        raise _config_error(exc, str.upper, "SETTINGS") from None

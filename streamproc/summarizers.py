@@ -209,7 +209,7 @@ def load_summarizer(settings: Settings, device: str) -> Summarizer:
             name, device, sentences=settings.extractive_sentences,
             max_input_tokens=settings.max_input_tokens, use_fp16=settings.gpu_use_fp16,
         )
-    return Seq2SeqSummarizer(
+    return Seq2SeqSummarizer.load(
         name, device, max_input_tokens=settings.max_input_tokens,
         use_fp16=settings.gpu_use_fp16, generation=generation_overrides(settings),
         static_cache=settings.gpu_static_cache,

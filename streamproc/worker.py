@@ -1,9 +1,11 @@
 """GPUWorker: model replicas planned from free memory, fed by the micro-batcher.
 
 ``GPUWorker(model_loader, config, task)``: ``model_loader(device)`` builds one replica on a
-device (``"cuda:0"``, ``"cpu"``); ``task(model, payloads)`` runs one batch on it and returns one
-result per payload. Both are blocking and run on the replica's own thread, never on the event
-loop. See :mod:`streamproc.planner` for how many replicas each device gets.
+device (``"cuda:0"``, ``"cpu"``), or ``model_loader()`` returns a model the worker places
+itself; ``task(model, payloads)`` runs one batch on it and returns one result per payload, or
+``task`` names a built-in task such as ``TaskEnums.SUMMARIZER`` (see :mod:`streamproc.tasks`).
+Both are blocking and run on the replica's own thread, never on the event loop. See
+:mod:`streamproc.planner` for how many replicas each device gets.
 
 Faults are isolated per item (see :mod:`streamproc.faults`).
 """
@@ -27,6 +29,7 @@ from .metrics import WorkerStats
 from .planner import DevicePlan
 from .replicas import Replica
 from .settings import GPUConfig
+from .tasks import TaskEnums, bind_task
 
 __all__ = ["GPUWorker"]
 
@@ -39,18 +42,19 @@ log = logging.getLogger("streamproc.worker")
 class GPUWorker(Generic[M, P, R]):
     def __init__(
         self,
-        model_loader: Callable[[str], M],
+        model_loader: Callable[[str], M] | Callable[[], M],
         config: GPUConfig,
-        task: Callable[[M, Any], Sequence[R]],
+        task: Callable[[M, Any], Sequence[R]] | TaskEnums,
         *,
         cost: Callable[[P], int] | None = None,
         prepare: Callable[[M, list[P]], Any] | None = None,
     ) -> None:
-        self.config = config
-        self._loader = model_loader
-        self._task = task
-        self._prepare = prepare
-        self._cost = cost
+        bound = bind_task(model_loader, config, task, prepare=prepare, cost=cost)
+        self.config = bound.config
+        self._loader = bound.loader
+        self._task = bound.task
+        self._prepare = bound.prepare
+        self._cost = bound.cost
         self.autotune: TuneReport | None = None
         self.sort_window = 0
         self._prep_executor = ThreadPoolExecutor(1, thread_name_prefix="prepare")
@@ -75,6 +79,14 @@ class GPUWorker(Generic[M, P, R]):
     @property
     def running(self) -> bool:
         return self._state == "running"
+
+    @property
+    def models(self) -> list[M]:
+        """The loaded replicas' models, one per replica (what the task runs on: for
+        ``TaskEnums.SUMMARIZER``, a summarizer whose ``.model`` is the loader's model)."""
+        return [replica.model for replica in self.replicas]
+
+    _models = models  # the spec's name, as its monitoring snippet reads it
 
     async def start(self) -> None:
         """Plan, load and warm every replica, then start serving. Idempotent."""

@@ -327,3 +327,20 @@ async def test_readiness_follows_load_join_and_sigterm(
     assert all(status == 503 for status, _ in after_term[shutting[0]:]), after_term
     # The drain finished the work in hand before the exit.
     assert len(await read_all(kafka_bootstrap, output_topic)) == n
+
+
+def test_a_metrics_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    """Before any model or Kafka work: one line naming METRICS_PORT and the port, exit 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "METRICS_"))}
+        env.update(METRICS_HOST="127.0.0.1", METRICS_PORT=str(port), SUMMARIZER="identity",
+                   KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")
+        done = subprocess.run([sys.executable, "-m", "streamproc", "run"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"streamproc: invalid setting METRICS_PORT={port}: cannot listen on 127.0.0.1:{port} "
+        "(Address already in use); pick a free port, or 0 for none"]

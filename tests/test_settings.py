@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from streamproc.errors import ConfigError
-from streamproc.settings import GPUConfig, Settings, load_settings
+from streamproc.settings import GPUConfig, Settings, engine_fields, load_settings
 
 SPEC_DEFAULTS = {
     "GPU_ENABLE_MULTI_MODEL_INSTANCES": True,
@@ -129,3 +129,43 @@ def test_readme_settings_table_names_every_variable() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [n.upper() for n in Settings.model_fields if f"| `{n.upper()}` |" not in readme]
     assert not missing
+
+
+def test_gpu_config_declares_the_engine_settings_once() -> None:
+    """Settings' GPU_* fields take their defaults and ranges from GPUConfig: the two cannot
+    drift, and from_settings carries every one of them."""
+    engine = engine_fields()
+    assert set(engine.values()) >= {"batch_size", "queue_size", "device_ids", "pool_enabled"}
+    settings, config = load_settings(None), GPUConfig()
+    for name, field in engine.items():
+        assert Settings.model_fields[name].annotation == GPUConfig.model_fields[field].annotation
+        assert getattr(settings, name) == getattr(config, field), name
+        assert Settings.model_fields[name].metadata == GPUConfig.model_fields[field].metadata
+    changed = {name: 7 for name, field in engine.items()
+               if GPUConfig.model_fields[field].annotation in (int, int | None)}
+    carried = GPUConfig.from_settings(load_settings(None, **changed))
+    assert all(getattr(carried, engine[name]) == 7 for name in changed)
+
+
+@pytest.mark.parametrize(("variable", "field"), [
+    ("GPU_QUEUE_SIZE", "queue_size"), ("GPU_MAX_DELAY_MS", "max_delay_ms"),
+    ("MODEL_POOL_MAX_INSTANCES", "pool_max_instances")])
+def test_one_range_check_serves_settings_and_gpu_config(variable: str, field: str) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(None, **{variable.lower(): -1})
+    with pytest.raises(ConfigError, match=variable):
+        GPUConfig(**{field: -1})
+
+
+def test_gpu_config_takes_the_spec_names() -> None:
+    config = GPUConfig(device_id=0, max_batch_size=64, enable_multi_model_instances=True)
+    assert (config.batch_size, config.max_batch_size, config.device_id) == (64, 64, 0)
+    assert GPUConfig(max_batch_size=8, batch_size=8).batch_size == 8
+    with pytest.raises(ConfigError, match="max_batch_size and batch_size"):
+        GPUConfig(max_batch_size=8, batch_size=9)
+    with pytest.raises(ConfigError, match="device_id and device_ids"):
+        GPUConfig(device_id=0, device_ids=[1])
+    with pytest.raises(ConfigError, match="device_id"):
+        GPUConfig(device_id=-1)
+    with pytest.raises(ConfigError, match="batchsize"):
+        GPUConfig(batchsize=8)
