@@ -73,7 +73,7 @@ __all__ = ["StreamProcessor"]
 
 log = logging.getLogger("streamproc.pipeline")
 DRAIN_SHARE, FLUSH_SHARE = 0.8, 0.9  # of SHUTDOWN_TIMEOUT_S, for steps 7's waits
-CLOSE_TIMEOUT_S = 2.0  # each client's close, after the final commit
+CLOSE_TIMEOUT_S = 1.0  # each client's close, after the final commit
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -187,7 +187,7 @@ class StreamProcessor:
         """Process until :meth:`request_stop`, then drain, flush, commit (step 7). Raises the
         fatal error (a fault not a record's own) after committing what is safe."""
         async with asyncio.TaskGroup() as group:
-            group.create_task(self._commit_loop(), name="commit")
+            committing = group.create_task(self._commit_loop(), name="commit")
             await self.intake.run()
             assert self._stop_requested_at is not None
             started, budget = self._stop_requested_at, self.settings.shutdown_timeout_s
@@ -197,7 +197,7 @@ class StreamProcessor:
             if not await self._settle(partitions, started + DRAIN_SHARE * budget):
                 self._abandon(partitions)
             self._closing.set()
-            self.sink.commit_due.set()  # wake the commit loop so it sees the closing
+            committing.cancel()  # a transaction stuck on an unreachable broker must not wait
         await self.sink.flush(started + FLUSH_SHARE * budget - time.monotonic())
         await _within("the final commit", self.commit(), started + budget - time.monotonic())
         if self.fatal is not None:
