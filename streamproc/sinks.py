@@ -91,6 +91,7 @@ __all__ = ["AtLeastOnceSink", "ExactlyOnceSink", "MAX_PRODUCER_RESETS", "Sink"]
 
 log = logging.getLogger("streamproc.sinks")
 MAX_PRODUCER_RESETS = 5
+ABORT_TIMEOUT_S = 5.0
 _REFUSED = (MessageSizeTooLargeError, RecordListTooLargeError, RecordTooLargeError,
             CorruptRecordException, InvalidTimestampError, UnknownError)
 _COLLATERAL = (OutOfOrderSequenceNumber, UnknownProducerId)
@@ -327,6 +328,7 @@ class _Transactional:
         self.lock = asyncio.Lock()
         self.failures_in_a_row = 0
         self.unwritten_since: float | None = None  # the oldest buffered record's arrival
+        self.interrupted = False  # a transaction was cancelled mid-way: commit nothing more
 
 
 class ExactlyOnceSink(Sink):
@@ -334,6 +336,7 @@ class ExactlyOnceSink(Sink):
         super().__init__(*args, **kwargs)
         self._states: dict[TopicPartition, _Transactional] = {}
         self._recoveries: set[asyncio.Task[None]] = set()
+        self._buffered = 0  # records in every partition's buffer
 
     def transactional_id(self, tp: TopicPartition) -> str:
         return (f"{self.settings.kafka_transactional_id_prefix}-{self.settings.kafka_group_id}"
@@ -347,13 +350,15 @@ class ExactlyOnceSink(Sink):
 
     async def assigned(self, partitions: list[Partition]) -> None:
         """Fence the previous owner of each partition (step 2); the caller then seeks."""
-        for partition in partitions:
-            state = _Transactional(partition, self.transactional_id(partition.tp))
-            self._states[partition.tp] = state
-            await self._new_producer(state)
+        states = [_Transactional(p, self.transactional_id(p.tp)) for p in partitions]
+        for state in states:
+            self._states[state.partition.tp] = state
+        await asyncio.gather(*(self._new_producer(state) for state in states))
 
     async def revoked(self, partitions: list[Partition], within_s: float) -> None:
         states = [s for p in partitions if (s := self._states.pop(p.tp, None)) is not None]
+        for state in states:
+            self._drop(state, len(state.buffer))
         await asyncio.gather(*(_bounded(f"closing {s.partition.name}'s producer",
                                         s.producer.stop(), within_s)
                                for s in states if s.producer is not None))
@@ -370,11 +375,17 @@ class ExactlyOnceSink(Sink):
         if not state.buffer:
             state.unwritten_since = time.monotonic()
         state.buffer.append(record)
+        self._buffered += 1
         # Buffered records stay open until their transaction commits, and open records count
         # against backpressure: commit early rather than stall the fetch until the next tick.
-        if sum(len(s.buffer) for s in self._states.values()) >= max(
-                1, self.settings.gpu_queue_size // 2):
+        if self._buffered >= max(1, self.settings.gpu_queue_size // 2):
             self.commit_due.set()
+
+    def _drop(self, state: _Transactional, count: int) -> None:
+        """Take the first ``count`` records out of ``state``'s buffer (written, or dropped)."""
+        del state.buffer[:count]
+        self._buffered -= count
+        state.unwritten_since = time.monotonic() if state.buffer else None
 
     def settled(self, partition: Partition) -> bool:
         return partition.unemitted == 0  # everything is in the buffer the next commit writes
@@ -398,16 +409,19 @@ class ExactlyOnceSink(Sink):
         async with state.lock:
             partition, producer = state.partition, state.producer
             records = list(state.buffer)
-            if not records or producer is None or partition.finished:
+            if not records or producer is None or partition.finished or state.interrupted:
                 return
             epoch = partition.epoch
             try:
                 async with asyncio.timeout(self.delivery_timeout_s):
                     failed = await self._transaction(producer, partition.tp, records)
+            except asyncio.CancelledError:
+                state.interrupted = True  # shutdown: its transaction stays open, not ended
+                raise
             except _FENCED as exc:
                 self._fenced(state, exc)
                 return
-            except (KafkaError, TimeoutError) as exc:
+            except Exception as exc:  # KafkaError, TimeoutError, or aiokafka's own state
                 await self._failed(state, f"transaction failed ({exc!r}); aborted, rewinding")
                 return
             if not partition.current(epoch):
@@ -415,8 +429,7 @@ class ExactlyOnceSink(Sink):
             if failed:
                 await self._replace_refused(state, records, failed)
                 return
-            del state.buffer[:len(records)]
-            state.unwritten_since = time.monotonic() if state.buffer else None
+            self._drop(state, len(records))
             state.failures_in_a_row = 0
             for r in records:
                 partition.tracker.complete(r.offset)
@@ -427,24 +440,33 @@ class ExactlyOnceSink(Sink):
     async def _transaction(self, producer: AIOKafkaProducer, tp: TopicPartition,
                            records: list[Outbound]) -> dict[int, BaseException]:
         """One transaction: every send awaited before the offsets and the commit. Returns
-        the failed sends by index (the transaction then aborted)."""
-        failed: dict[int, BaseException] = {}
+        the failed sends by index (the transaction then aborted).
+
+        Written out rather than with aiokafka's ``transaction()`` context: on the way out of a
+        cancellation that context awaits the abort with no bound, so a broker outage would
+        hold the shutdown. Here a failed transaction is aborted within ``ABORT_TIMEOUT_S``,
+        and a cancelled one not at all (its producer is replaced or closed next)."""
         deliveries: list[asyncio.Future[Any]] = []
+        await producer.begin_transaction()
         try:
-            async with producer.transaction():
-                for r in records:
-                    deliveries.append(await producer.send(r.topic, value=r.value, key=r.key,
-                                                          headers=r.headers))
-                results = await asyncio.gather(*deliveries, return_exceptions=True)
-                failed = {i: e for i, e in enumerate(results) if isinstance(e, BaseException)}
-                if failed:
-                    raise _Aborted
+            for r in records:
+                deliveries.append(await producer.send(r.topic, value=r.value, key=r.key,
+                                                      headers=r.headers))
+            results = await asyncio.shield(asyncio.gather(*deliveries, return_exceptions=True))
+            failed = {i: e for i, e in enumerate(results) if isinstance(e, BaseException)}
+            if not failed:
                 await producer.send_offsets_to_transaction(
                     {tp: records[-1].offset + 1}, self.settings.kafka_group_id)
-        except _Aborted:
-            pass
+                await producer.commit_transaction()
+                return {}
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            await _abort(producer)
+            raise
         finally:
             _retrieve(deliveries)
+        await _abort(producer)
         return failed
 
     async def _replace_refused(self, state: _Transactional, records: list[Outbound],
@@ -487,8 +509,7 @@ class ExactlyOnceSink(Sink):
         """Step 4's other reasons: drop the buffer and read again from the committed offset,
         through a new producer (an aborted transaction may leave the old one unusable)."""
         state.failures_in_a_row += 1
-        state.buffer.clear()
-        state.unwritten_since = None
+        self._drop(state, len(state.buffer))
         if state.failures_in_a_row > MAX_PRODUCER_RESETS:
             self.give_up(state.partition, f"{MAX_PRODUCER_RESETS} transactions in a row "
                          f"failed; last: {why}")
@@ -507,8 +528,7 @@ class ExactlyOnceSink(Sink):
         came from a transaction timeout, and the partition carries on with a new producer."""
         log.warning("%s: fenced (%r); dropping its uncommitted work and waiting for a "
                     "rebalance", state.partition.name, exc)
-        state.buffer.clear()
-        state.unwritten_since = None
+        self._drop(state, len(state.buffer))
         state.partition.suspend()
         task = asyncio.create_task(self._recover(state), name=f"recover-{state.partition.name}")
         self._recoveries.add(task)
@@ -536,8 +556,12 @@ class ExactlyOnceSink(Sink):
         await partition.seek()
 
 
-class _Aborted(Exception):
-    """A send of the transaction failed: leave the block so that it aborts."""
+async def _abort(producer: AIOKafkaProducer) -> None:
+    """Abort the open transaction, best effort, within ``ABORT_TIMEOUT_S``."""
+    try:
+        await asyncio.wait_for(producer.abort_transaction(), ABORT_TIMEOUT_S)
+    except Exception as exc:  # the producer is replaced next either way
+        log.debug("abort failed: %r", exc)
 
 
 def _retrieve(deliveries: list[asyncio.Future[Any]]) -> None:
