@@ -111,7 +111,8 @@ CASES = [
          poison, "sigterm", bad_count=1, serve=("--item-delay-s", "0.02", "--break-on", POISON),
          env={"MODEL_POOL_MAX_INSTANCES": "3"}),
     Case("broker_outage", "the broker down for 12 s, past a 3 s transaction timeout",
-         invalid, "outage", env={"KAFKA_TRANSACTION_TIMEOUT_MS": "3000"}),
+         invalid, "outage", env={"KAFKA_TRANSACTION_TIMEOUT_MS": "3000"}, items=150,
+         serve=("--item-delay-s", "0.1")),  # work in hand through the outage
     Case("revoke_drain_timeout", "a second member joins and leaves while a slow model "
          "cannot drain within SHUTDOWN_TIMEOUT_S=2", invalid, "rebalance",
          serve=("--item-delay-s", "0.02"),
@@ -231,14 +232,20 @@ class CaseRun:
         self.primary = self.processor()
 
     async def fault_outage(self, tracker: Tracker) -> None:
+        """The primary rides out the outage (under exactly_once the coordinator aborts its
+        open transaction past KAFKA_TRANSACTION_TIMEOUT_MS, which fences its producer); a
+        second member gets SIGTERM during it."""
+        second = self.processor()
+        await self.until(lambda: second.has_partitions() or second.proc.poll() is not None,
+                         "the second member's assignment")
         await asyncio.to_thread(broker, "stop", properties=BROKER_PROPERTIES)
-        outage = asyncio.create_task(asyncio.sleep(12))
-        assert self.primary is not None
-        await asyncio.sleep(2)
-        await self.sigterm(self.primary, "during the broker outage")
-        await outage
-        await asyncio.to_thread(broker, "start", properties=BROKER_PROPERTIES)
-        self.primary = self.processor()
+        try:
+            outage = asyncio.create_task(asyncio.sleep(12))
+            await asyncio.sleep(2)
+            await self.sigterm(second, "during the broker outage")
+            await outage
+        finally:
+            await asyncio.to_thread(broker, "start", properties=BROKER_PROPERTIES)
 
     async def _second_member(self, hold_s: float, during: Callable[[Processor],
                              Awaitable[None]] | None = None) -> None:

@@ -98,7 +98,11 @@ async def _within(what: str, awaitable: Awaitable[None], seconds: float) -> bool
         return True
     except TimeoutError:
         log.warning("%s did not finish within %.1f s", what, seconds)
-        return False
+    except asyncio.CancelledError:  # a client's close may end in its own task's cancellation
+        if _cancelling():
+            raise
+        log.warning("%s was cancelled", what)
+    return False
 
 
 class StreamProcessor:

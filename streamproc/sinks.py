@@ -114,6 +114,11 @@ async def _bounded(what: str, coro: Any, within_s: float) -> None:
         await asyncio.wait_for(coro, max(within_s, 0.01))
     except (TimeoutError, KafkaError, OSError) as exc:
         log.warning("%s did not finish cleanly: %r", what, exc)
+    except asyncio.CancelledError:  # a client's close may end in its own task's cancellation
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("%s was cancelled", what)
 
 
 class Sink:
@@ -337,6 +342,11 @@ class ExactlyOnceSink(Sink):
         self._states: dict[TopicPartition, _Transactional] = {}
         self._recoveries: set[asyncio.Task[None]] = set()
         self._buffered = 0  # records in every partition's buffer
+
+    def buffered(self, tp: TopicPartition) -> int:
+        """Records of ``tp`` waiting for their transaction."""
+        state = self._states.get(tp)
+        return 0 if state is None else len(state.buffer)
 
     def transactional_id(self, tp: TopicPartition) -> str:
         return (f"{self.settings.kafka_transactional_id_prefix}-{self.settings.kafka_group_id}"

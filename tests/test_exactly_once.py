@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError
 
 from streamproc.engine import SummaryWorker
 from streamproc.kafka_clients import producer_for
+from streamproc.partition import Phase
 from streamproc.pipeline import StreamProcessor
 from streamproc.settings import Settings
 from streamproc.sinks import ExactlyOnceSink
@@ -150,44 +151,57 @@ async def test_round_trip_every_id_exactly_once_and_offsets_committed(
 # --- zombie fencing ------------------------------------------------------------------------
 
 
-async def test_a_zombie_owner_is_fenced_and_drops_its_uncommitted_work(
+async def test_a_fenced_partition_drops_its_work_then_recovers_when_still_assigned(
         kafka_bootstrap: str) -> None:
-    """A holds results for its partition in its open buffer (long commit interval). A new
-    owner starts the partition's transactional producer (what ``assigned`` does): A's next
-    commit must fail with ProducerFenced, write nothing, commit no offset, and take no more
-    records; the partition is then processed once, in full, by the next processor."""
-    settings = eos_settings(kafka_bootstrap, kafka_commit_interval_ms=600_000)
+    """A holds results for its partition in its open buffer (long commit interval). Another
+    producer starts the partition's transactional id, as a new owner would: A's next commit
+    fails with ProducerFenced, writes nothing, commits no offset and drops its work, and the
+    partition waits, paused. No rebalance takes it away (the fence came from elsewhere, as a
+    coordinator's transaction timeout does), so after twice the session timeout A starts a new
+    producer, rewinds, and the partition is processed once, in full."""
+    settings = eos_settings(kafka_bootstrap, kafka_commit_interval_ms=600_000,
+                            kafka_session_timeout_ms=6000)
     await setup_topics(settings, 1)
     tp = TopicPartition(settings.kafka_input_topic, 0)
-    first = items(20, "zombie")
+    first = items(20, "fenced")
     await produce(kafka_bootstrap, settings.kafka_input_topic, first)
-    async with running_processor(settings) as zombie:
-        sink = zombie.sink
+    async with running_processor(settings) as processor:
+        sink = processor.sink
         assert isinstance(sink, ExactlyOnceSink)
-        await wait_for(lambda: len(sink.buffers.get(tp, [])) == len(first), "A's buffer")
+        await wait_for(lambda: sink.buffered(tp) == len(first), "A's buffer")
+        epoch = processor.partition(tp).epoch  # type: ignore[union-attr]
 
-        new_owner = producer_for(settings, transactional_id=sink.transactional_id(tp))
-        await new_owner.start()  # init_transactions: bumps the epoch, A is now a zombie
+        other = producer_for(settings, transactional_id=sink.transactional_id(tp))
+        await other.start()  # init_transactions: bumps the epoch, A's producer is fenced
         try:
-            await zombie.commit()
+            await processor.commit()
+            partition = processor.partition(tp)
+            assert partition is not None and partition.phase is Phase.SEEKING  # paused
+            assert sink.buffered(tp) == 0  # its work is dropped ...
+            assert processor.stats.produced == 0 and sink.stats.commits == 0
+            assert await output_ids(settings) == Counter()  # nothing visible
+            assert await committed(settings) == {}  # and no offset committed
         finally:
-            await new_owner.stop()
-
-        assert sink.buffers[tp] == []  # its work is dropped ...
-        assert zombie.in_flight() == 0 and zombie.stats.produced == 0 and sink.stats.commits == 0
+            await other.stop()
         late = items(5, "late")
         await produce(kafka_bootstrap, settings.kafka_input_topic, late)
-        await asyncio.sleep(1.0)
-        assert sink.buffers[tp] == [] and zombie.stats.consumed == len(first)  # ... takes none
-        assert await output_ids(settings) == Counter()  # nothing visible to read_committed
-        assert await committed(settings) == {}  # and no offset committed
-
-    async with running_processor(settings.model_copy(update={"kafka_commit_interval_ms": 200})
-                       ) as successor:
-        await wait_for_output(settings, len(first) + len(late))
+        # still assigned after 2 x the session timeout: a new producer, the same partition
+        await wait_for(lambda: partition.running and partition.epoch > epoch, "the recovery",
+                       timeout_s=30)
+        await wait_for(lambda: sink.buffered(tp) == len(first) + len(late), "the rewind")
+        await processor.commit()
+        assert processor.stats.produced == len(first) + len(late)
     assert await output_ids(settings) == Counter(k.decode() for k, _ in first + late)
     assert await committed(settings) == {0: len(first) + len(late)}
-    assert successor.stats.produced == len(first) + len(late)
+
+
+def test_transactional_ids_carry_the_group_id() -> None:
+    """Two groups reading one topic with the same prefix never fence each other."""
+    tp = TopicPartition("feeds", 3)
+    ids = {ExactlyOnceSink(eos_settings("127.0.0.1:1", kafka_group_id=group), None, None,
+                           None, lambda e: None).transactional_id(tp)  # type: ignore[arg-type]
+           for group in ("a", "b")}
+    assert len(ids) == 2 and all(i.endswith("-feeds-3") for i in ids)
 
 
 # --- rebalance in the middle of transactions -----------------------------------------------
