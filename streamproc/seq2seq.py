@@ -1,10 +1,14 @@
-"""The abstractive summarizer: a Hugging Face encoder-decoder (BART, PEGASUS, T5, ...).
+"""The abstractive summarizer on HF ``generate``, and what both seq2seq backends share.
 
 A batch runs in two steps so the worker can overlap them: :meth:`Seq2SeqSummarizer.prepare`
 tokenizes, sorts by length and pads on the CPU (into pinned memory on CUDA), while the
 previous batch's :meth:`Seq2SeqSummarizer.run` generates on the device. ``no_repeat_ngram_size``
 is applied on the device (:mod:`streamproc.decoding`) instead of by HF's CPU loop, and
 ``GPU_STATIC_CACHE`` turns on HF's static KV cache (compiled decoding) with a clean fallback.
+
+Shared with the CTranslate2 backend (:mod:`streamproc.ct2`): :class:`SourceTokenizer` (input
+truncation, length sorting, decoding, order restored) and :func:`resolved_generation` (the
+``GEN_*`` settings over the checkpoint's generation config).
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from .checkpoints import load_pretrained, torch_dtype
 from .decoding import DeviceNoRepeatNGram
 from .settings import Settings
 
-__all__ = ["MAX_CHARS_PER_TOKEN", "PreparedBatch", "Seq2SeqSummarizer", "generation_overrides"]
+__all__ = [
+    "MAX_CHARS_PER_TOKEN", "PreparedBatch", "Seq2SeqSummarizer", "SortedRows", "SourceTokenizer",
+    "generation_overrides", "resolved_generation",
+]
 
 log = logging.getLogger("streamproc.seq2seq")
 # A token is rarely longer than this many characters; texts are cut to
@@ -43,13 +50,76 @@ def generation_overrides(settings: Settings) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+def resolved_generation(checkpoint: Any, overrides: Mapping[str, Any] | None) -> Any:
+    """A copy of the checkpoint's ``GenerationConfig`` with ``overrides`` applied (a
+    ``GEN_MAX_LENGTH``/``GEN_MIN_LENGTH`` clears the checkpoint's new-token limit, which would
+    otherwise win), validated."""
+    config = copy.deepcopy(checkpoint)
+    overrides = dict(overrides or {})
+    if "max_length" in overrides:
+        config.max_new_tokens = None
+    if "min_length" in overrides:
+        config.min_new_tokens = None
+    config.update(**overrides)
+    config.validate()
+    return config
+
+
+@dataclass(slots=True)
+class SortedRows:
+    """The non-empty texts of a batch as token ids, longest first."""
+
+    size: int  # texts in the batch, empty ones included
+    todo: list[int]  # positions of the non-empty texts
+    order: list[int]  # position in ``rows`` -> index into ``todo``
+    rows: list[list[int]]  # token ids, in ``order``
+
+
+class SourceTokenizer:
+    """The encoder side of a seq2seq checkpoint's tokenizer: truncation to the input cap,
+    length-sorted batches, decoding, and summaries put back in input order. Thread-safe."""
+
+    def __init__(self, tokenizer: Any, max_input_tokens: int, position_limit: int | None) -> None:
+        self.tokenizer = tokenizer
+        self.max_input_tokens = (
+            min(max_input_tokens, position_limit) if position_limit else max_input_tokens
+        )
+        self._lock = threading.Lock()  # fast tokenizers are not thread-safe
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        cut = self.max_input_tokens * MAX_CHARS_PER_TOKEN
+        with self._lock:
+            encoded = self.tokenizer(
+                [text[:cut] for text in texts], truncation=True, max_length=self.max_input_tokens
+            )
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def token_length(self, text: str) -> int:
+        """Tokens the encoder will see (special tokens included, truncated to the input cap)."""
+        return len(self.encode([text])[0])
+
+    def sorted_rows(self, texts: Sequence[str]) -> SortedRows:
+        todo = [i for i, text in enumerate(texts) if text.strip()]
+        rows = self.encode([texts[i] for i in todo]) if todo else []
+        order = sorted(range(len(todo)), key=lambda k: len(rows[k]), reverse=True)
+        return SortedRows(len(texts), todo, order, [rows[k] for k in order])
+
+    def summaries(self, batch: SortedRows, outputs: Sequence[Sequence[int]]) -> list[str]:
+        """Decode ``outputs`` (one per row of ``batch``); summaries in input order, ``""`` for
+        empty texts."""
+        with self._lock:
+            decoded = self.tokenizer.batch_decode(outputs, skip_special_tokens=True)
+        summaries = [""] * batch.size
+        for position, k in enumerate(batch.order):
+            summaries[batch.todo[k]] = decoded[position].strip()
+        return summaries
+
+
 @dataclass(slots=True)
 class PreparedBatch:
-    """A tokenized, length-sorted, padded batch; ``inputs`` is None when every text is empty."""
+    """A length-sorted batch, padded; ``inputs`` is None when every text is empty."""
 
-    size: int
-    todo: list[int]  # positions of the non-empty texts
-    order: list[int]  # rows of ``inputs`` -> index into ``todo``
+    rows: SortedRows
     inputs: dict[str, torch.Tensor] | None
 
 
@@ -74,20 +144,15 @@ class Seq2SeqSummarizer:
         self.device = device
         self.tokenizer, model = load_pretrained(model_name, load)
         self.model = model.to(device).eval()
-        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not thread-safe
+        self.source = SourceTokenizer(
+            self.tokenizer, max_input_tokens,
+            getattr(self.model.config, "max_position_embeddings", None),
+        )
+        self.max_input_tokens = self.source.max_input_tokens
         pad_id = self.tokenizer.pad_token_id
         self._pad_id = int(pad_id if pad_id is not None else self.model.config.pad_token_id or 0)
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        self.max_input_tokens = min(max_input_tokens, limit) if limit else max_input_tokens
-        config = copy.deepcopy(self.model.generation_config)
-        overrides = dict(generation or {})
-        if "max_length" in overrides:
-            config.max_new_tokens = None  # would otherwise win over max_length
-        if "min_length" in overrides:
-            config.min_new_tokens = None
-        config.update(**overrides)
-        config.validate()
-        self.generation_config = config  # what generation means; _call_config is how it runs
+        # What generation means; _call_config is how it runs.
+        self.generation_config = resolved_generation(self.model.generation_config, generation)
         self.static_cache = static_cache and device.startswith("cuda")
         self._configure_call()
 
@@ -104,47 +169,31 @@ class Seq2SeqSummarizer:
             config.cache_implementation = "static"
         self._call_config = config
 
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        cut = self.max_input_tokens * MAX_CHARS_PER_TOKEN
-        with self._tokenizer_lock:
-            encoded = self.tokenizer(
-                [text[:cut] for text in texts], truncation=True, max_length=self.max_input_tokens
-            )
-        return [list(ids) for ids in encoded["input_ids"]]
-
     def token_length(self, text: str) -> int:
         """Tokens the encoder will see (special tokens included, truncated to the input cap)."""
-        return len(self._encode([text])[0])
+        return self.source.token_length(text)
 
     def prepare(self, texts: Sequence[str]) -> PreparedBatch:
         """Tokenize, sort by length (longest first) and pad, on the CPU."""
-        todo = [i for i, text in enumerate(texts) if text.strip()]
-        if not todo:
-            return PreparedBatch(len(texts), [], [], None)
-        rows = self._encode([texts[i] for i in todo])
-        order = sorted(range(len(todo)), key=lambda k: len(rows[k]), reverse=True)
-        width = len(rows[order[0]])
-        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for position, k in enumerate(order):
-            ids[position, : len(rows[k])] = torch.tensor(rows[k], dtype=torch.long)
-            mask[position, : len(rows[k])] = 1
+        rows = self.source.sorted_rows(texts)
+        if not rows.rows:
+            return PreparedBatch(rows, None)
+        width = len(rows.rows[0])
+        ids = torch.full((len(rows.rows), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows.rows), width), dtype=torch.long)
+        for position, row in enumerate(rows.rows):
+            ids[position, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[position, : len(row)] = 1
         if self.device.startswith("cuda"):
             ids, mask = ids.pin_memory(), mask.pin_memory()
-        return PreparedBatch(len(texts), todo, order, {"input_ids": ids, "attention_mask": mask})
+        return PreparedBatch(rows, {"input_ids": ids, "attention_mask": mask})
 
     def run(self, batch: PreparedBatch) -> list[str]:
         """Generate and decode a prepared batch; summaries in input order."""
-        summaries = [""] * batch.size
         if batch.inputs is None:
-            return summaries
+            return [""] * batch.rows.size
         inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
-        output = self._generate(inputs)
-        with self._tokenizer_lock:
-            decoded = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        for position, k in enumerate(batch.order):
-            summaries[batch.todo[k]] = decoded[position].strip()
-        return summaries
+        return self.source.summaries(batch.rows, self._generate(inputs).tolist())
 
     def _generate(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         try:

@@ -45,7 +45,8 @@ def settings(**values: Any) -> Settings:
 
 
 def seq2seq(model_dir: Path, **values: Any) -> Seq2SeqSummarizer:
-    chosen = settings(summarizer="seq2seq", model_name=str(model_dir), **values)
+    chosen = settings(summarizer="seq2seq", model_name=str(model_dir),
+                      seq2seq_backend="transformers", **values)
     model = load_summarizer(chosen, "cpu")
     assert isinstance(model, Seq2SeqSummarizer)
     return model
