@@ -84,12 +84,13 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, git_commit, load_average
+from streamproc.ct2 import chosen_backend
 from streamproc.devtools import TINY_CORPUS, build_tiny_model
 from streamproc.engine import build_worker
 from streamproc.progress import Progress
 from streamproc.replicas import is_out_of_memory
 from streamproc.settings import Settings
-from streamproc.summarizers import load_summarizer
+from streamproc.summarizers import CT2Summarizer, load_summarizer
 
 __all__ = ["BART_LARGE_CNN", "GENERATION", "build_checkpoint", "main", "make_texts"]
 
@@ -170,6 +171,18 @@ def overriding_environment() -> list[str]:
 
 # --- checkpoint -------------------------------------------------------------------------------
 
+def _pad_vocabulary(checkpoint: Path, size: int) -> None:
+    """Give the saved tokenizer ``size`` ids, as many as the model's embedding rows: unused
+    tokens that no merge produces, so tokenizing is unchanged but every id the model can
+    generate decodes (ctranslate2's converter also takes its vocabulary from the tokenizer)."""
+    path = checkpoint / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    taken = set(vocab.values()) | {token["id"] for token in data.get("added_tokens", [])}
+    vocab.update({f"<unused{i}>": i for i in range(size) if i not in taken})
+    path.write_text(json.dumps(data, ensure_ascii=False))
+
+
 def build_checkpoint(shape: str, workdir: Path, new_tokens: int, *, half: bool) -> Path:
     """The checkpoint directory: the tiny model, or a bart-large-cnn-shaped random one with the
     tiny tokenizer. Its generation config asks for exactly ``new_tokens`` new tokens."""
@@ -195,6 +208,7 @@ def build_checkpoint(shape: str, workdir: Path, new_tokens: int, *, half: bool) 
         del model
         gc.collect()
         AutoTokenizer.from_pretrained(tiny).save_pretrained(target)
+        _pad_vocabulary(target, BART_LARGE_CNN["vocab_size"])
     generation = GenerationConfig(**CHECKPOINT_GENERATION, min_new_tokens=new_tokens,
                                   max_new_tokens=new_tokens)
     generation.save_pretrained(target)
@@ -245,7 +259,7 @@ def make_texts(tokenizer: Any, lengths: Sequence[int], seed: int, *, exact: bool
 
 
 def token_lengths(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[int]:
-    """What the summarizer's encoder sees (as ``Seq2SeqSummarizer._encode`` tokenizes)."""
+    """What the summarizer's encoder sees (as ``SourceTokenizer.encode`` tokenizes)."""
     encoded = tokenizer(list(texts), truncation=True, max_length=max_tokens)
     return [len(ids) for ids in encoded["input_ids"]]
 
@@ -463,8 +477,10 @@ def run_bare(settings: Settings, texts: list[str], batch: int,
 
 
 def check_new_tokens(settings: Settings, text: str, new_tokens: int) -> dict[str, Any]:
-    """One generate call on the summarizer as loaded by streamproc: the summary must be
-    ``decoder_start + new_tokens`` long, and the effective generation config as asked."""
+    """One decode on the summarizer as loaded by streamproc: the summary must be
+    ``decoder_start + new_tokens`` long (for ctranslate2, its hypothesis plus the decoder start
+    and the forced end token that HF spends the last step on), and the effective generation
+    config as asked."""
     import torch
 
     device = "cuda:0" if settings.gpu_device_ids != "cpu" and torch.cuda.is_available() else "cpu"
@@ -472,10 +488,19 @@ def check_new_tokens(settings: Settings, text: str, new_tokens: int) -> dict[str
     try:
         config = model.generation_config
         prepared = model.prepare([text, text])
-        inputs = {k: v.to(device) for k, v in prepared.inputs.items()}
-        with torch.inference_mode():
-            output = model.model.generate(**inputs, generation_config=config)
-        found = {"output_length": int(output.shape[1]), "expected_length": new_tokens + 1,
+        if isinstance(model, CT2Summarizer):
+            options = model.options
+            prefix = [list(options.prefix)] * 2 if options.prefix else None
+            results = model.translator.translate_batch(prepared.sources, target_prefix=prefix,
+                                                       **options.as_kwargs())
+            forced_eos = 1 if config.forced_eos_token_id is not None else 0
+            length = len(results[0].hypotheses[0]) + 1 + forced_eos
+        else:
+            inputs = {k: v.to(device) for k, v in prepared.inputs.items()}
+            with torch.inference_mode():
+                length = int(model.model.generate(**inputs, generation_config=config).shape[1])
+        found = {"backend": type(model).__name__, "output_length": length,
+                 "expected_length": new_tokens + 1,
                  "num_beams": config.num_beams, "no_repeat_ngram_size": config.no_repeat_ngram_size,
                  "length_penalty": config.length_penalty,
                  "min_new_tokens": config.min_new_tokens, "max_new_tokens": config.max_new_tokens,
@@ -564,7 +589,10 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
     def settings(gen: str, max_tokens: int, **layout: Any) -> Settings:
         return Settings(_env_file=None, summarizer="seq2seq",  # type: ignore[call-arg]
                         model_name=str(checkpoint), max_input_tokens=max_tokens,
-                        gpu_device_ids=device_ids, **GENERATION[gen], **layout)
+                        gpu_device_ids=device_ids, seq2seq_backend=args.backend,
+                        ct2_compute_type=args.compute_type,
+                        ct2_cache_dir=str(checkpoint.parent / "ct2"), **GENERATION[gen],
+                        **layout)
 
     spec: dict[str, Any] = {
         "gpu_batch_size": SPEC_BATCH, "model_pool_max_instances": spec_pool,
@@ -691,6 +719,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--source-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--gen", choices=("both", "greedy", "checkpoint"), default="both")
+    parser.add_argument("--backend", choices=("auto", "ctranslate2", "transformers"),
+                        default="auto", help="SEQ2SEQ_BACKEND (default auto, as in production)")
+    parser.add_argument("--compute-type", default="auto",
+                        help="CT2_COMPUTE_TYPE for the ctranslate2 backend (default auto)")
     parser.add_argument("--no-mixed", dest="mixed", action="store_false",
                         help="skip the length-mixed runs")
     parser.add_argument("--no-bare", dest="bare", action="store_false",
@@ -729,12 +761,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device": device_info(device), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "shape": args.shape, "dtype": "float16" if device == "cuda" else "float32",
+        "backend": chosen_backend(args.backend), "compute_type": args.compute_type,
         "source_tokens": args.source_tokens, "new_tokens": args.new_tokens,
         "environment_overrides": overriding_environment(),
     }
     print(f"engine benchmark: shape={args.shape} device={device} ({report['device']['name']}) "
-          f"dtype={report['dtype']} torch={torch.__version__} transformers="
-          f"{transformers.__version__} commit={report['commit']} load={load_average()}",
+          f"backend={report['backend']} dtype={report['dtype']} torch={torch.__version__} "
+          f"transformers={transformers.__version__} commit={report['commit']} "
+          f"load={load_average()}",
           flush=True)
     print(f"command: {command}", flush=True)
     if report["environment_overrides"]:
