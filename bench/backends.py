@@ -3,7 +3,7 @@
     .venv/bin/python bench/backends.py [--shape bart-large-cnn|tiny] [--device auto|cpu|cuda]
         [--gen greedy,checkpoint] [--lengths fixed,mixed] [--batch 8[,16...]] [--items N]
         [--source-tokens 256] [--new-tokens 32] [--compute-types int8,float32]
-        [--rounds 3] [--json OUT]
+        [--rounds 3] [--ct2-cache DIR] [--json OUT]
 
 The model is :func:`bench.engine.build_checkpoint`'s (bart-large-cnn's shape with random
 weights, or the tiny checkpoint); every summary is exactly ``--new-tokens`` new tokens and the
@@ -88,7 +88,7 @@ def _timed(model: Any, texts: list[str], batch: int, device: str) -> tuple[float
 
 
 def load_variants(checkpoint: Path, variants: list[str], gen: str, device: str,
-                  max_tokens: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                  max_tokens: int, ct2_cache: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every variant loaded for one generation setting, and what really loaded: the class
     and, for ctranslate2, the compute type it resolved to (no silent fallback goes unseen)."""
     models: dict[str, Any] = {}
@@ -99,7 +99,7 @@ def load_variants(checkpoint: Path, variants: list[str], gen: str, device: str,
             _env_file=None, summarizer="seq2seq", model_name=str(checkpoint),
             max_input_tokens=max_tokens, gpu_use_fp16=device == "cuda",
             seq2seq_backend="transformers" if backend == HF else "ctranslate2",
-            ct2_compute_type=compute or "auto", ct2_cache_dir=str(checkpoint.parent / "ct2"),
+            ct2_compute_type=compute or "auto", ct2_cache_dir=str(ct2_cache),
             **GENERATION[gen],
         )
         began = time.perf_counter()
@@ -168,6 +168,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="ctranslate2 compute types (default: int8,float32 on the CPU, "
                              "float16,int8_float16 on CUDA)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ct2-cache", type=Path, default=None,
+                        help="CT2_CACHE_DIR (default: in the run's temporary directory)")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     args.gen = args.gen.split(",")
@@ -219,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for gen in args.gen:
             try:
                 models, ran = load_variants(checkpoint, variants, gen, device,
-                                            args.source_tokens)
+                                            args.source_tokens, args.ct2_cache or Path(tmp) / "ct2")
             except Exception as exc:
                 report["sections"][gen] = {"error": f"{type(exc).__name__}: {exc}",
                                            "traceback": traceback.format_exc()[-2000:]}

@@ -595,7 +595,8 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
                         model_name=str(checkpoint), max_input_tokens=max_tokens,
                         gpu_device_ids=device_ids, seq2seq_backend=args.backend,
                         ct2_compute_type=args.compute_type,
-                        ct2_cache_dir=str(checkpoint.parent / "ct2"), **GENERATION[gen],
+                        ct2_cache_dir=str(args.ct2_cache or checkpoint.parent / "ct2"),
+                        **GENERATION[gen],
                         **layout)
 
     batch = args.batch
@@ -733,6 +734,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"GPU_BATCH_SIZE of layouts a, b and bare (default {SPEC_BATCH})")
     parser.add_argument("--backend", choices=("auto", "ctranslate2", "transformers"),
                         default="auto", help="SEQ2SEQ_BACKEND (default auto, as in production)")
+    parser.add_argument("--ct2-cache", type=Path, default=None,
+                        help="CT2_CACHE_DIR (default: in the run's temporary directory)")
     parser.add_argument("--compute-type", default="auto",
                         help="CT2_COMPUTE_TYPE for the ctranslate2 backend (default auto)")
     parser.add_argument("--no-mixed", dest="mixed", action="store_false",
