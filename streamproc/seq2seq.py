@@ -25,14 +25,25 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, LogitsProcessorLi
 
 from .checkpoints import load_pretrained, torch_dtype
 from .decoding import DeviceNoRepeatNGram
+from .errors import OutOfMemory
 from .settings import Settings
 
 __all__ = [
     "MAX_CHARS_PER_TOKEN", "PreparedBatch", "Seq2SeqSummarizer", "SortedRows", "SourceTokenizer",
-    "generation_overrides", "resolved_generation",
+    "device_out_of_memory", "generation_overrides", "resolved_generation",
 ]
 
 log = logging.getLogger("streamproc.seq2seq")
+CUDA_PAD_MULTIPLE = 8  # inputs padded to a multiple of this on CUDA: repeating shapes
+_OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def device_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means device memory ran out: torch's OOM, or a cuBLAS/cuDNN/CTranslate2
+    allocation failure (raised as a plain ``RuntimeError``)."""
+    return type(exc).__name__ == "OutOfMemoryError" or any(
+        marker.lower() in str(exc).lower() for marker in _OOM_MARKERS)
+
 # A token is rarely longer than this many characters; texts are cut to
 # ``max_tokens * MAX_CHARS_PER_TOKEN`` characters before tokenizing so huge inputs stay cheap.
 MAX_CHARS_PER_TOKEN = 16
@@ -104,6 +115,14 @@ class SourceTokenizer:
         order = sorted(range(len(todo)), key=lambda k: len(rows[k]), reverse=True)
         return SortedRows(len(texts), todo, order, [rows[k] for k in order])
 
+    def pad(self, rows: Sequence[Sequence[int]], multiple: int | None) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask``, padded by the tokenizer in one call (to a
+        multiple of ``multiple`` tokens, so that shapes repeat from batch to batch)."""
+        with self._lock:
+            padded = self.tokenizer.pad({"input_ids": list(rows)}, padding=True,
+                                        pad_to_multiple_of=multiple, return_tensors="pt")
+        return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+
     def summaries(self, batch: SortedRows, outputs: Sequence[Sequence[int]]) -> list[str]:
         """Decode ``outputs`` (one per row of ``batch``); summaries in input order, ``""`` for
         empty texts."""
@@ -149,11 +168,12 @@ class Seq2SeqSummarizer:
             getattr(self.model.config, "max_position_embeddings", None),
         )
         self.max_input_tokens = self.source.max_input_tokens
-        pad_id = self.tokenizer.pad_token_id
-        self._pad_id = int(pad_id if pad_id is not None else self.model.config.pad_token_id or 0)
+        if self.tokenizer.pad_token_id is None:  # the tokenizer pads: give it the model's id
+            self.tokenizer.pad_token_id = int(self.model.config.pad_token_id or 0)
         # What generation means; _call_config is how it runs.
         self.generation_config = resolved_generation(self.model.generation_config, generation)
-        self.static_cache = static_cache and device.startswith("cuda")
+        self.static_cache = static_cache and device.startswith("cuda")  # still on, or fell back
+        self._static_proven = False  # a static-cache generate has succeeded
         self._configure_call()
 
     def _configure_call(self) -> None:
@@ -178,36 +198,50 @@ class Seq2SeqSummarizer:
         rows = self.source.sorted_rows(texts)
         if not rows.rows:
             return PreparedBatch(rows, None)
-        width = len(rows.rows[0])
-        ids = torch.full((len(rows.rows), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows.rows), width), dtype=torch.long)
-        for position, row in enumerate(rows.rows):
-            ids[position, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[position, : len(row)] = 1
-        if self.device.startswith("cuda"):
-            ids, mask = ids.pin_memory(), mask.pin_memory()
-        return PreparedBatch(rows, {"input_ids": ids, "attention_mask": mask})
+        on_cuda = self.device.startswith("cuda")
+        inputs = self.source.pad(rows.rows, CUDA_PAD_MULTIPLE if on_cuda else None)
+        if on_cuda:
+            inputs = {key: value.pin_memory() for key, value in inputs.items()}
+        return PreparedBatch(rows, inputs)
 
     def run(self, batch: PreparedBatch) -> list[str]:
         """Generate and decode a prepared batch; summaries in input order."""
         if batch.inputs is None:
             return [""] * batch.rows.size
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
-        return self.source.summaries(batch.rows, self._generate(inputs).tolist())
+        if self.device.startswith("cuda"):
+            with torch.cuda.device(self.device):  # this replica's device, on any thread
+                inputs = {k: v.to(self.device, non_blocking=True)
+                          for k, v in batch.inputs.items()}
+                output = self._generate(inputs)
+        else:
+            output = self._generate(batch.inputs)
+        return self.source.summaries(batch.rows, output.tolist())
 
     def _generate(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         try:
             with torch.inference_mode():
-                return self.model.generate(**inputs, generation_config=self._call_config,
-                                           logits_processor=self._processors)
+                output = self.model.generate(**inputs, generation_config=self._call_config,
+                                             logits_processor=self._processors)
         except Exception as exc:
-            if not self.static_cache or type(exc).__name__ == "OutOfMemoryError":
+            if device_out_of_memory(exc):
+                raise OutOfMemory(f"{type(exc).__name__}: {exc}") from exc
+            if not self._static_unsupported(exc):
                 raise
             log.warning("static KV cache unsupported for %s (%s: %s); using the dynamic cache",
                         self.model_name, type(exc).__name__, exc)
             self.static_cache = False
             self._configure_call()
             return self._generate(inputs)
+        self._static_proven = self.static_cache
+        return output
+
+    def _static_unsupported(self, exc: Exception) -> bool:
+        """Whether ``exc`` says the static cache cannot work for this model: only before it
+        has worked once, and only the errors that set-up and compilation raise for that."""
+        if not self.static_cache or self._static_proven:
+            return False
+        return isinstance(exc, ValueError | NotImplementedError | TypeError) or any(
+            cls.__module__.startswith("torch._dynamo") for cls in type(exc).__mro__)
 
     def summarize(self, texts: Sequence[str]) -> list[str]:
         """Summaries in input order; empty or whitespace-only texts give ``""``."""

@@ -19,8 +19,8 @@ from streamproc.seq2seq import Seq2SeqSummarizer
 from streamproc.settings import Settings
 from streamproc.summarizers import load_summarizer
 
-TEXTS = [line for line in TINY_CORPUS.splitlines() if line.strip()][:12]
-TEXTS += ["", "Short.", " ".join(TEXTS) * 8]  # an empty text, a short one, a truncated one
+TEXTS = [line for line in TINY_CORPUS.splitlines() if line.strip()][:6]
+TEXTS += ["", "Short.", " ".join(TEXTS) * 4]  # an empty text, a short one, a truncated one
 
 
 def load(model_dir: Path, cache: Path, backend: str, **values: Any) -> Any:
