@@ -67,6 +67,9 @@ if data.exists():
         found = {}
     if "ran" in found:  # bench/backends.py and the probe: what really loaded
         entry["ran"] = found["ran"]
+    for key, section in (found.get("sections") or {}).items():  # bench/backends.py figures
+        entry.setdefault("items_per_second", {})[key] = section.get(
+            "items_per_second", section.get("error"))
     for gen, section in (found.get("fixed") or {}).items():  # bench/engine.py
         check = section.get("generation_check", {})
         entry.setdefault("ran", {})[gen] = {
