@@ -185,3 +185,38 @@ def test_int8_summarizes_every_text_with_a_token_budget(
     assert len(summaries) == len(TEXTS) and summaries[len(TEXTS) - 3] == ""
     assert all(summaries[i] for i in range(len(TEXTS)) if TEXTS[i].strip())
     assert model.token_length(TEXTS[-1]) == 128  # the same input cap as the other backend
+
+
+# --- through the real pipeline -------------------------------------------------------------------
+
+
+@pytest.mark.kafka
+async def test_feed_records_round_trip_through_the_pipeline_on_ctranslate2(
+    kafka_bootstrap: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import orjson
+
+    from streamproc.engine import build_worker
+    from streamproc.pipeline import StreamProcessor
+    from tests.kafka_broker import read_all
+    from tests.pipeline_helpers import running
+    from tests.test_pipeline_kafka import Answers, create_topics, feed_item, make_settings, produce
+
+    n = 40
+    settings = make_settings(kafka_bootstrap, summarizer="seq2seq", model_name=str(tiny_model_dir),
+                             seq2seq_backend="ctranslate2", ct2_cache_dir=str(tmp_path))
+    await create_topics(settings)
+    items = [feed_item(i, "ct2") for i in range(n)]
+    await produce(kafka_bootstrap, settings.kafka_input_topic,
+                  [(item_id.encode(), value) for item_id, value in items])
+    async with (build_worker(settings) as worker,
+                StreamProcessor(settings, worker) as processor,
+                Answers(settings) as answers, running(processor)):
+        assert worker.replicas and all(
+            isinstance(replica.model, CT2Summarizer) for replica in worker.replicas)
+        await answers.wait_until(lambda: answers.count() >= n, 120, f"{n} answers")
+    summaries = [orjson.loads(r.value) for r in
+                 await read_all(kafka_bootstrap, settings.kafka_output_topic)]
+    assert sorted(s["id"] for s in summaries) == sorted(item_id for item_id, _ in items)
+    assert all(isinstance(s["summary"], str) and s["summary"] for s in summaries)
+    assert await read_all(kafka_bootstrap, settings.kafka_dlq_topic) == []
