@@ -31,7 +31,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" torch; fi
 COPY streamproc/ ./streamproc/
-RUN pip install . \
+RUN pip install ".[gpu]" \
     && python -c "import streamproc"
 
 RUN groupadd --system --gid 10001 streamproc \

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/engine.py [--shape bart-large-cnn|tiny] [--device auto|cpu|cuda]
         [--items N] [--source-tokens 512] [--new-tokens 64] [--gen both|greedy|checkpoint]
-        [--no-mixed] [--no-bare] [--json OUT]
+        [--backend auto|ctranslate2|transformers] [--compute-type auto|int8|float16|...]
+        [--layouts a,b,c] [--batch 48] [--no-mixed] [--no-bare] [--json OUT]
 
 Model: ``--shape bart-large-cnn`` builds a checkpoint with bart-large-cnn's dimensions (d_model
 1024, 12+12 layers, 16 heads, ffn 4096, 1024 positions, vocab 50264) and random weights, saved
@@ -23,14 +24,16 @@ settings, applied through ``GEN_*`` so the summarizer's own code path runs:
 Layouts, each ``build_worker(settings)``; ``await worker.infer_many(texts)`` is timed after
 ``start()`` returned (loading, warm-up and autotuning excluded):
 
-* ``a``: the spec's layout: replicas as the VRAM plan allows (``MODEL_POOL_MAX_INSTANCES=64``,
-  ``GPU_MAX_MODEL_INSTANCES`` unset, multi-instance on), ``GPU_BATCH_SIZE=48``, autotune off,
-  plain FIFO batches. The CPU has no VRAM to plan from: 2 replicas stand in for the plan.
-* ``b``: one replica, ``GPU_BATCH_SIZE=48``, autotune off, ``GPU_LENGTH_SORT_WINDOW=0``.
+* ``a``: the spec's layout: replicas as the VRAM plan allows, at most 8
+  (``MODEL_POOL_MAX_INSTANCES=8``, ``GPU_MAX_MODEL_INSTANCES`` unset, multi-instance on),
+  ``GPU_BATCH_SIZE=--batch`` (48), autotune off, plain FIFO batches. The CPU has no VRAM to
+  plan from: 2 replicas stand in for the plan.
+* ``b``: one replica, ``GPU_BATCH_SIZE=--batch`` (48), autotune off,
+  ``GPU_LENGTH_SORT_WINDOW=0``.
 * ``c``: streamproc's defaults (autotune, warm-up, length-aware batching); only the model,
   input length, generation and device settings are set.
-* ``bare`` (not a layout): one summarizer, ``summarize()`` on batches of 48 in a plain loop on
-  the calling thread: the model's own speed, to show what the worker adds or loses.
+* ``bare`` (not a layout): one summarizer, ``summarize()`` on batches of ``--batch`` in a plain
+  loop on the calling thread: the model's own speed, to show what the worker adds or loses.
 
 Length-mixed inputs (unless ``--no-mixed``): sources drawn uniformly between 64 and 1024
 tokens (seeded), ``MAX_INPUT_TOKENS=1024``, through ``b``, ``c`` and ``c`` with
@@ -84,12 +87,13 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, git_commit, load_average
+from streamproc.ct2 import chosen_backend
 from streamproc.devtools import TINY_CORPUS, build_tiny_model
 from streamproc.engine import build_worker
 from streamproc.progress import Progress
 from streamproc.replicas import is_out_of_memory
 from streamproc.settings import Settings
-from streamproc.summarizers import load_summarizer
+from streamproc.summarizers import CT2Summarizer, load_summarizer
 
 __all__ = ["BART_LARGE_CNN", "GENERATION", "build_checkpoint", "main", "make_texts"]
 
@@ -119,7 +123,8 @@ GENERATION: dict[str, dict[str, Any]] = {
     "checkpoint": {"gen_num_beams": 4, "gen_no_repeat_ngram_size": 3, "gen_length_penalty": 2.0},
 }
 SPEC_BATCH = 48
-SPEC_POOL_MAX = 64
+SPEC_POOL_MAX = 8  # layout a on CUDA: the plan's replicas, at most this many (a large card
+# would otherwise load about 60 replicas, minutes of loading for one figure)
 CPU_STAND_IN_REPLICAS = 2
 MIXED_RANGE = (64, 1024)
 SEED = 20240611
@@ -170,6 +175,18 @@ def overriding_environment() -> list[str]:
 
 # --- checkpoint -------------------------------------------------------------------------------
 
+def _pad_vocabulary(checkpoint: Path, size: int) -> None:
+    """Give the saved tokenizer ``size`` ids, as many as the model's embedding rows: unused
+    tokens that no merge produces, so tokenizing is unchanged but every id the model can
+    generate decodes (ctranslate2's converter also takes its vocabulary from the tokenizer)."""
+    path = checkpoint / "tokenizer.json"
+    data = json.loads(path.read_text())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    taken = set(vocab.values()) | {token["id"] for token in data.get("added_tokens", [])}
+    vocab.update({f"<unused{i}>": i for i in range(size) if i not in taken})
+    path.write_text(json.dumps(data, ensure_ascii=False))
+
+
 def build_checkpoint(shape: str, workdir: Path, new_tokens: int, *, half: bool) -> Path:
     """The checkpoint directory: the tiny model, or a bart-large-cnn-shaped random one with the
     tiny tokenizer. Its generation config asks for exactly ``new_tokens`` new tokens."""
@@ -195,6 +212,7 @@ def build_checkpoint(shape: str, workdir: Path, new_tokens: int, *, half: bool) 
         del model
         gc.collect()
         AutoTokenizer.from_pretrained(tiny).save_pretrained(target)
+        _pad_vocabulary(target, BART_LARGE_CNN["vocab_size"])
     generation = GenerationConfig(**CHECKPOINT_GENERATION, min_new_tokens=new_tokens,
                                   max_new_tokens=new_tokens)
     generation.save_pretrained(target)
@@ -245,7 +263,7 @@ def make_texts(tokenizer: Any, lengths: Sequence[int], seed: int, *, exact: bool
 
 
 def token_lengths(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[int]:
-    """What the summarizer's encoder sees (as ``Seq2SeqSummarizer._encode`` tokenizes)."""
+    """What the summarizer's encoder sees (as ``SourceTokenizer.encode`` tokenizes)."""
     encoded = tokenizer(list(texts), truncation=True, max_length=max_tokens)
     return [len(ids) for ids in encoded["input_ids"]]
 
@@ -463,8 +481,10 @@ def run_bare(settings: Settings, texts: list[str], batch: int,
 
 
 def check_new_tokens(settings: Settings, text: str, new_tokens: int) -> dict[str, Any]:
-    """One generate call on the summarizer as loaded by streamproc: the summary must be
-    ``decoder_start + new_tokens`` long, and the effective generation config as asked."""
+    """One decode on the summarizer as loaded by streamproc: the summary must be
+    ``decoder_start + new_tokens`` long (for ctranslate2, its hypothesis plus the decoder start
+    and the forced end token that HF spends the last step on), and the effective generation
+    config as asked."""
     import torch
 
     device = "cuda:0" if settings.gpu_device_ids != "cpu" and torch.cuda.is_available() else "cpu"
@@ -472,10 +492,19 @@ def check_new_tokens(settings: Settings, text: str, new_tokens: int) -> dict[str
     try:
         config = model.generation_config
         prepared = model.prepare([text, text])
-        inputs = {k: v.to(device) for k, v in prepared.inputs.items()}
-        with torch.inference_mode():
-            output = model.model.generate(**inputs, generation_config=config)
-        found = {"output_length": int(output.shape[1]), "expected_length": new_tokens + 1,
+        if isinstance(model, CT2Summarizer):
+            options = model.options
+            prefix = [list(options.prefix)] * 2 if options.prefix else None
+            results = model.translator.translate_batch(prepared.sources, target_prefix=prefix,
+                                                       **options.as_kwargs())
+            forced_eos = 1 if config.forced_eos_token_id is not None else 0
+            length = len(results[0].hypotheses[0]) + 1 + forced_eos
+        else:
+            inputs = {k: v.to(device) for k, v in prepared.inputs.items()}
+            with torch.inference_mode():
+                length = int(model.model.generate(**inputs, generation_config=config).shape[1])
+        found = {"backend": type(model).__name__, "output_length": length,
+                 "expected_length": new_tokens + 1,
                  "num_beams": config.num_beams, "no_repeat_ngram_size": config.no_repeat_ngram_size,
                  "length_penalty": config.length_penalty,
                  "min_new_tokens": config.min_new_tokens, "max_new_tokens": config.max_new_tokens,
@@ -558,24 +587,30 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
     device_ids: Literal["cpu"] | None = "cpu" if device == "cpu" else None
     gens = ["greedy", "checkpoint"] if args.gen == "both" else [args.gen]
     spec_pool = SPEC_POOL_MAX if device == "cuda" else CPU_STAND_IN_REPLICAS
-    a_note = ("replicas as the VRAM plan allows (pool max 64)" if device == "cuda"
+    a_note = (f"replicas as the VRAM plan allows (pool max {SPEC_POOL_MAX})" if device == "cuda"
               else f"{CPU_STAND_IN_REPLICAS} replicas standing in for the VRAM plan (CPU)")
 
     def settings(gen: str, max_tokens: int, **layout: Any) -> Settings:
         return Settings(_env_file=None, summarizer="seq2seq",  # type: ignore[call-arg]
                         model_name=str(checkpoint), max_input_tokens=max_tokens,
-                        gpu_device_ids=device_ids, **GENERATION[gen], **layout)
+                        gpu_device_ids=device_ids, seq2seq_backend=args.backend,
+                        ct2_compute_type=args.compute_type,
+                        ct2_cache_dir=str(args.ct2_cache or checkpoint.parent / "ct2"),
+                        **GENERATION[gen],
+                        **layout)
 
+    batch = args.batch
     spec: dict[str, Any] = {
-        "gpu_batch_size": SPEC_BATCH, "model_pool_max_instances": spec_pool,
+        "gpu_batch_size": batch, "model_pool_max_instances": spec_pool,
         "gpu_max_model_instances": None, "gpu_enable_multi_model_instances": True,
         "model_pool_enabled": True, "gpu_autotune": False, "gpu_length_sort_window": 0}
-    single: dict[str, Any] = {"gpu_batch_size": SPEC_BATCH, "model_pool_max_instances": 1,
+    single: dict[str, Any] = {"gpu_batch_size": batch, "model_pool_max_instances": 1,
                               "gpu_autotune": False, "gpu_length_sort_window": 0}
     Layouts = dict[str, tuple[str, dict[str, Any]]]
-    layouts: Layouts = {"a": (f"a spec: {a_note}, batch {SPEC_BATCH}", spec),
-                        "b": (f"b one replica, batch {SPEC_BATCH}, FIFO", single),
+    layouts: Layouts = {"a": (f"a spec: {a_note}, batch {batch}", spec),
+                        "b": (f"b one replica, batch {batch}, FIFO", single),
                         "c": ("c streamproc defaults", {})}
+    layouts = {key: value for key, value in layouts.items() if key in args.layouts}
     source = args.source_tokens
     rounds = args.rounds or (3 if device == "cpu" and args.shape == "tiny" else 1)
     rotate = (args.rotate if args.rotate is not None
@@ -621,9 +656,9 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
                           f"{plan['limited_by']} model={plan['model_gb']:.2f}GiB activations="
                           f"{plan['activation_gb']:.2f}GiB", flush=True)
         if args.bare:
-            bare = run_bare(settings(gen, source), texts, SPEC_BATCH, rounds)
+            bare = run_bare(settings(gen, source), texts, batch, rounds)
             section["layouts"]["bare"] = bare
-            print(f"[{gen}] {'bare: summarize() loop, batch 48, no worker':58s} "
+            print(f"[{gen}] {f'bare: summarize() loop, batch {batch}, no worker':58s} "
                   f"{_describe(bare, device)}", flush=True)
         section["ratios"] = {"c/a": _ratio(section["layouts"], "c", "a"),
                              "c/b": _ratio(section["layouts"], "c", "b")}
@@ -651,10 +686,12 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
         report["mixed"][gen] = mixed
         print(f"[{gen} mixed] {n} items, sources {min(got)}..{max(got)} tokens (mean "
               f"{statistics.fmean(got):.0f}), max_input_tokens {high}", flush=True)
-        mixed_layouts: Layouts = {"b": (f"b one replica, batch {SPEC_BATCH}, FIFO", single),
+        mixed_layouts: Layouts = {"b": (f"b one replica, batch {batch}, FIFO", single),
                                   "c": ("c streamproc defaults", {}),
                                   "c_window0": ("c defaults, GPU_LENGTH_SORT_WINDOW=0",
                                                 {"gpu_length_sort_window": 0})}
+        mixed_layouts = {key: value for key, value in mixed_layouts.items()
+                         if key[0] in args.layouts}
         results = await run_layouts(
             {key: (label, settings(gen, high, **layout))
              for key, (label, layout) in mixed_layouts.items()}, mixed_texts, rounds, rotate)
@@ -691,6 +728,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--source-tokens", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--gen", choices=("both", "greedy", "checkpoint"), default="both")
+    parser.add_argument("--layouts", default="a,b,c",
+                        help="which of the layouts a, b, c to run (comma-separated)")
+    parser.add_argument("--batch", type=int, default=SPEC_BATCH,
+                        help=f"GPU_BATCH_SIZE of layouts a, b and bare (default {SPEC_BATCH})")
+    parser.add_argument("--backend", choices=("auto", "ctranslate2", "transformers"),
+                        default="auto", help="SEQ2SEQ_BACKEND (default auto, as in production)")
+    parser.add_argument("--ct2-cache", type=Path, default=None,
+                        help="CT2_CACHE_DIR (default: in the run's temporary directory)")
+    parser.add_argument("--compute-type", default="auto",
+                        help="CT2_COMPUTE_TYPE for the ctranslate2 backend (default auto)")
     parser.add_argument("--no-mixed", dest="mixed", action="store_false",
                         help="skip the length-mixed runs")
     parser.add_argument("--no-bare", dest="bare", action="store_false",
@@ -704,6 +751,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     parser.add_argument("--verbose", action="store_true", help="streamproc's INFO logs")
     args = parser.parse_args(argv)
+    args.layouts = args.layouts.split(",")
+    if not set(args.layouts) <= {"a", "b", "c"}:
+        parser.error("--layouts takes a, b and/or c")
     if not 8 <= args.source_tokens <= 1024:
         parser.error("--source-tokens must be between 8 and 1024")
     if args.new_tokens < 1 or any(v is not None and v < 1 for v in (args.items, args.rounds)):
@@ -729,12 +779,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device": device_info(device), "python": platform.python_version(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "shape": args.shape, "dtype": "float16" if device == "cuda" else "float32",
+        "backend": chosen_backend(args.backend), "compute_type": args.compute_type,
         "source_tokens": args.source_tokens, "new_tokens": args.new_tokens,
         "environment_overrides": overriding_environment(),
     }
     print(f"engine benchmark: shape={args.shape} device={device} ({report['device']['name']}) "
-          f"dtype={report['dtype']} torch={torch.__version__} transformers="
-          f"{transformers.__version__} commit={report['commit']} load={load_average()}",
+          f"backend={report['backend']} dtype={report['dtype']} torch={torch.__version__} "
+          f"transformers={transformers.__version__} commit={report['commit']} "
+          f"load={load_average()}",
           flush=True)
     print(f"command: {command}", flush=True)
     if report["environment_overrides"]:

@@ -1,10 +1,14 @@
-"""The abstractive summarizer: a Hugging Face encoder-decoder (BART, PEGASUS, T5, ...).
+"""The abstractive summarizer on HF ``generate``, and what both seq2seq backends share.
 
 A batch runs in two steps so the worker can overlap them: :meth:`Seq2SeqSummarizer.prepare`
 tokenizes, sorts by length and pads on the CPU (into pinned memory on CUDA), while the
 previous batch's :meth:`Seq2SeqSummarizer.run` generates on the device. ``no_repeat_ngram_size``
 is applied on the device (:mod:`streamproc.decoding`) instead of by HF's CPU loop, and
 ``GPU_STATIC_CACHE`` turns on HF's static KV cache (compiled decoding) with a clean fallback.
+
+Shared with the CTranslate2 backend (:mod:`streamproc.ct2`): :class:`SourceTokenizer` (input
+truncation, length sorting, decoding, order restored) and :func:`resolved_generation` (the
+``GEN_*`` settings over the checkpoint's generation config).
 """
 
 from __future__ import annotations
@@ -21,11 +25,25 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, LogitsProcessorLi
 
 from .checkpoints import load_pretrained, torch_dtype
 from .decoding import DeviceNoRepeatNGram
+from .errors import OutOfMemory
 from .settings import Settings
 
-__all__ = ["MAX_CHARS_PER_TOKEN", "PreparedBatch", "Seq2SeqSummarizer", "generation_overrides"]
+__all__ = [
+    "MAX_CHARS_PER_TOKEN", "PreparedBatch", "Seq2SeqSummarizer", "SortedRows", "SourceTokenizer",
+    "device_out_of_memory", "generation_overrides", "resolved_generation",
+]
 
 log = logging.getLogger("streamproc.seq2seq")
+CUDA_PAD_MULTIPLE = 8  # inputs padded to a multiple of this on CUDA: repeating shapes
+_OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
+def device_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` means device memory ran out: torch's OOM, or a cuBLAS/cuDNN/CTranslate2
+    allocation failure (raised as a plain ``RuntimeError``)."""
+    return type(exc).__name__ == "OutOfMemoryError" or any(
+        marker.lower() in str(exc).lower() for marker in _OOM_MARKERS)
+
 # A token is rarely longer than this many characters; texts are cut to
 # ``max_tokens * MAX_CHARS_PER_TOKEN`` characters before tokenizing so huge inputs stay cheap.
 MAX_CHARS_PER_TOKEN = 16
@@ -43,13 +61,84 @@ def generation_overrides(settings: Settings) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
+def resolved_generation(checkpoint: Any, overrides: Mapping[str, Any] | None) -> Any:
+    """A copy of the checkpoint's ``GenerationConfig`` with ``overrides`` applied (a
+    ``GEN_MAX_LENGTH``/``GEN_MIN_LENGTH`` clears the checkpoint's new-token limit, which would
+    otherwise win), validated."""
+    config = copy.deepcopy(checkpoint)
+    overrides = dict(overrides or {})
+    if "max_length" in overrides:
+        config.max_new_tokens = None
+    if "min_length" in overrides:
+        config.min_new_tokens = None
+    config.update(**overrides)
+    config.validate()
+    return config
+
+
+@dataclass(slots=True)
+class SortedRows:
+    """The non-empty texts of a batch as token ids, longest first."""
+
+    size: int  # texts in the batch, empty ones included
+    todo: list[int]  # positions of the non-empty texts
+    order: list[int]  # position in ``rows`` -> index into ``todo``
+    rows: list[list[int]]  # token ids, in ``order``
+
+
+class SourceTokenizer:
+    """The encoder side of a seq2seq checkpoint's tokenizer: truncation to the input cap,
+    length-sorted batches, decoding, and summaries put back in input order. Thread-safe."""
+
+    def __init__(self, tokenizer: Any, max_input_tokens: int, position_limit: int | None) -> None:
+        self.tokenizer = tokenizer
+        self.max_input_tokens = (
+            min(max_input_tokens, position_limit) if position_limit else max_input_tokens
+        )
+        self._lock = threading.Lock()  # fast tokenizers are not thread-safe
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        cut = self.max_input_tokens * MAX_CHARS_PER_TOKEN
+        with self._lock:
+            encoded = self.tokenizer(
+                [text[:cut] for text in texts], truncation=True, max_length=self.max_input_tokens
+            )
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def token_length(self, text: str) -> int:
+        """Tokens the encoder will see (special tokens included, truncated to the input cap)."""
+        return len(self.encode([text])[0])
+
+    def sorted_rows(self, texts: Sequence[str]) -> SortedRows:
+        todo = [i for i, text in enumerate(texts) if text.strip()]
+        rows = self.encode([texts[i] for i in todo]) if todo else []
+        order = sorted(range(len(todo)), key=lambda k: len(rows[k]), reverse=True)
+        return SortedRows(len(texts), todo, order, [rows[k] for k in order])
+
+    def pad(self, rows: Sequence[Sequence[int]], multiple: int | None) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask``, padded by the tokenizer in one call (to a
+        multiple of ``multiple`` tokens, so that shapes repeat from batch to batch)."""
+        with self._lock:
+            padded = self.tokenizer.pad({"input_ids": list(rows)}, padding=True,
+                                        pad_to_multiple_of=multiple, return_tensors="pt")
+        return {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
+
+    def summaries(self, batch: SortedRows, outputs: Sequence[Sequence[int]]) -> list[str]:
+        """Decode ``outputs`` (one per row of ``batch``); summaries in input order, ``""`` for
+        empty texts."""
+        with self._lock:
+            decoded = self.tokenizer.batch_decode(outputs, skip_special_tokens=True)
+        summaries = [""] * batch.size
+        for position, k in enumerate(batch.order):
+            summaries[batch.todo[k]] = decoded[position].strip()
+        return summaries
+
+
 @dataclass(slots=True)
 class PreparedBatch:
-    """A tokenized, length-sorted, padded batch; ``inputs`` is None when every text is empty."""
+    """A length-sorted batch, padded; ``inputs`` is None when every text is empty."""
 
-    size: int
-    todo: list[int]  # positions of the non-empty texts
-    order: list[int]  # rows of ``inputs`` -> index into ``todo``
+    rows: SortedRows
     inputs: dict[str, torch.Tensor] | None
 
 
@@ -66,21 +155,17 @@ class Seq2SeqSummarizer:
         self.device = device
         self.tokenizer = tokenizer
         self.model = model
-        self._tokenizer_lock = threading.Lock()  # fast tokenizers are not thread-safe
-        pad_id = self.tokenizer.pad_token_id
-        self._pad_id = int(pad_id if pad_id is not None else self.model.config.pad_token_id or 0)
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        self.max_input_tokens = min(max_input_tokens, limit) if limit else max_input_tokens
-        config = copy.deepcopy(self.model.generation_config)
-        overrides = dict(generation or {})
-        if "max_length" in overrides:
-            config.max_new_tokens = None  # would otherwise win over max_length
-        if "min_length" in overrides:
-            config.min_new_tokens = None
-        config.update(**overrides)
-        config.validate()
-        self.generation_config = config  # what generation means; _call_config is how it runs
-        self.static_cache = static_cache and device.startswith("cuda")
+        self.source = SourceTokenizer(
+            self.tokenizer, max_input_tokens,
+            getattr(self.model.config, "max_position_embeddings", None),
+        )
+        self.max_input_tokens = self.source.max_input_tokens
+        if self.tokenizer.pad_token_id is None:  # the tokenizer pads: give it the model's id
+            self.tokenizer.pad_token_id = int(self.model.config.pad_token_id or 0)
+        # What generation means; _call_config is how it runs.
+        self.generation_config = resolved_generation(self.model.generation_config, generation)
+        self.static_cache = static_cache and device.startswith("cuda")  # still on, or fell back
+        self._static_proven = False  # a static-cache generate has succeeded
         self._configure_call()
 
     @classmethod
@@ -117,61 +202,59 @@ class Seq2SeqSummarizer:
             config.cache_implementation = "static"
         self._call_config = config
 
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        cut = self.max_input_tokens * MAX_CHARS_PER_TOKEN
-        with self._tokenizer_lock:
-            encoded = self.tokenizer(
-                [text[:cut] for text in texts], truncation=True, max_length=self.max_input_tokens
-            )
-        return [list(ids) for ids in encoded["input_ids"]]
-
     def token_length(self, text: str) -> int:
         """Tokens the encoder will see (special tokens included, truncated to the input cap)."""
-        return len(self._encode([text])[0])
+        return self.source.token_length(text)
 
     def prepare(self, texts: Sequence[str]) -> PreparedBatch:
         """Tokenize, sort by length (longest first) and pad, on the CPU."""
-        todo = [i for i, text in enumerate(texts) if text.strip()]
-        if not todo:
-            return PreparedBatch(len(texts), [], [], None)
-        rows = self._encode([texts[i] for i in todo])
-        order = sorted(range(len(todo)), key=lambda k: len(rows[k]), reverse=True)
-        width = len(rows[order[0]])
-        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for position, k in enumerate(order):
-            ids[position, : len(rows[k])] = torch.tensor(rows[k], dtype=torch.long)
-            mask[position, : len(rows[k])] = 1
-        if self.device.startswith("cuda"):
-            ids, mask = ids.pin_memory(), mask.pin_memory()
-        return PreparedBatch(len(texts), todo, order, {"input_ids": ids, "attention_mask": mask})
+        rows = self.source.sorted_rows(texts)
+        if not rows.rows:
+            return PreparedBatch(rows, None)
+        on_cuda = self.device.startswith("cuda")
+        inputs = self.source.pad(rows.rows, CUDA_PAD_MULTIPLE if on_cuda else None)
+        if on_cuda:
+            inputs = {key: value.pin_memory() for key, value in inputs.items()}
+        return PreparedBatch(rows, inputs)
 
     def run(self, batch: PreparedBatch) -> list[str]:
         """Generate and decode a prepared batch; summaries in input order."""
-        summaries = [""] * batch.size
         if batch.inputs is None:
-            return summaries
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.inputs.items()}
-        output = self._generate(inputs)
-        with self._tokenizer_lock:
-            decoded = self.tokenizer.batch_decode(output, skip_special_tokens=True)
-        for position, k in enumerate(batch.order):
-            summaries[batch.todo[k]] = decoded[position].strip()
-        return summaries
+            return [""] * batch.rows.size
+        if self.device.startswith("cuda"):
+            with torch.cuda.device(self.device):  # this replica's device, on any thread
+                inputs = {k: v.to(self.device, non_blocking=True)
+                          for k, v in batch.inputs.items()}
+                output = self._generate(inputs)
+        else:
+            output = self._generate(batch.inputs)
+        return self.source.summaries(batch.rows, output.tolist())
 
     def _generate(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         try:
             with torch.inference_mode():
-                return self.model.generate(**inputs, generation_config=self._call_config,
-                                           logits_processor=self._processors)
+                output = self.model.generate(**inputs, generation_config=self._call_config,
+                                             logits_processor=self._processors)
         except Exception as exc:
-            if not self.static_cache or type(exc).__name__ == "OutOfMemoryError":
+            if device_out_of_memory(exc):
+                raise OutOfMemory(f"{type(exc).__name__}: {exc}") from exc
+            if not self._static_unsupported(exc):
                 raise
             log.warning("static KV cache unsupported for %s (%s: %s); using the dynamic cache",
                         self.model_name, type(exc).__name__, exc)
             self.static_cache = False
             self._configure_call()
             return self._generate(inputs)
+        self._static_proven = self.static_cache
+        return output
+
+    def _static_unsupported(self, exc: Exception) -> bool:
+        """Whether ``exc`` says the static cache cannot work for this model: only before it
+        has worked once, and only the errors that set-up and compilation raise for that."""
+        if not self.static_cache or self._static_proven:
+            return False
+        return isinstance(exc, ValueError | NotImplementedError | TypeError) or any(
+            cls.__module__.startswith("torch._dynamo") for cls in type(exc).__mro__)
 
     def summarize(self, texts: Sequence[str]) -> list[str]:
         """Summaries in input order; empty or whitespace-only texts give ``""``."""

@@ -185,6 +185,12 @@ class Settings(BaseSettings):
     gen_length_penalty: float | None = None
     gen_no_repeat_ngram_size: int | None = Field(default=None, ge=0)
     extractive_sentences: int = Field(default=3, ge=1)
+    seq2seq_backend: Literal["auto", "ctranslate2", "transformers"] = "auto"
+    ct2_compute_type: Literal[
+        "auto", "int8", "int8_float16", "int8_float32", "int8_bfloat16", "int16", "float16",
+        "bfloat16", "float32",
+    ] = "auto"
+    ct2_cache_dir: str | None = None
     # --- Kafka -----------------------------------------------------------------------------
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_input_topic: str = "feeds.raw"
@@ -227,7 +233,7 @@ class Settings(BaseSettings):
         "gpu_max_model_instances", "gpu_max_batch_tokens", "gpu_length_sort_window",
         "model_name", "gen_num_beams",
         "gen_min_length", "gen_max_length", "gen_length_penalty", "gen_no_repeat_ngram_size",
-        "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
+        "ct2_cache_dir", "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
         "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
         mode="before",
     )

@@ -1,10 +1,12 @@
 """The summarizers a GPU worker replica runs, and how they are loaded.
 
-``seq2seq``     an abstractive Hugging Face encoder-decoder (BART, PEGASUS, T5, ...).
+``seq2seq``     an abstractive Hugging Face encoder-decoder (BART, PEGASUS, T5, ...), decoded by
+               CTranslate2 or by HF ``generate`` (``SEQ2SEQ_BACKEND``).
 ``extractive``  picks the sentences closest to the document's mean sentence embedding.
 ``identity``    returns the first sentence; no model, for measuring the pipeline alone.
 
-Loading is :mod:`streamproc.checkpoints`; the seq2seq model is :mod:`streamproc.seq2seq`.
+Loading is :mod:`streamproc.checkpoints`; the seq2seq backends are :mod:`streamproc.ct2` and
+:mod:`streamproc.seq2seq`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from .checkpoints import load_pretrained, torch_dtype
+from .ct2 import CT2Summarizer, chosen_backend
 from .errors import InferenceFailed
 from .sentences import first_sentence, split_sentences
 from .seq2seq import MAX_CHARS_PER_TOKEN as _CHARS_PER_TOKEN
@@ -25,6 +28,7 @@ from .settings import Settings
 
 __all__ = [
     "BUNDLED_EMBEDDING_MODEL",
+    "CT2Summarizer",
     "ExtractiveSummarizer",
     "IdentitySummarizer",
     "Seq2SeqSummarizer",
@@ -208,6 +212,13 @@ def load_summarizer(settings: Settings, device: str) -> Summarizer:
         return ExtractiveSummarizer(
             name, device, sentences=settings.extractive_sentences,
             max_input_tokens=settings.max_input_tokens, use_fp16=settings.gpu_use_fp16,
+        )
+    if chosen_backend(settings.seq2seq_backend) == "ctranslate2":
+        return CT2Summarizer(
+            name, device, max_input_tokens=settings.max_input_tokens,
+            compute_type=settings.ct2_compute_type, use_fp16=settings.gpu_use_fp16,
+            generation=generation_overrides(settings), cache_dir=settings.ct2_cache_dir,
+            max_batch_tokens=settings.gpu_max_batch_tokens,
         )
     return Seq2SeqSummarizer.load(
         name, device, max_input_tokens=settings.max_input_tokens,

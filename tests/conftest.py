@@ -8,6 +8,16 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ct2_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Converted CTranslate2 models go to a session directory, never to the user's cache (the
+    services the tests start inherit it through the environment)."""
+    directory = tmp_path_factory.mktemp("ct2-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CT2_CACHE_DIR", str(directory))
+        yield directory
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from streamproc.devtools import build_tiny_model

@@ -14,6 +14,7 @@ import pytest
 
 from streamproc.devtools import build_tiny_model, main
 from streamproc.errors import InferenceFailed, ModelLoadError
+from streamproc.seq2seq import device_out_of_memory
 from streamproc.settings import Settings
 from streamproc.summarizers import (
     ExtractiveSummarizer,
@@ -45,7 +46,8 @@ def settings(**values: Any) -> Settings:
 
 
 def seq2seq(model_dir: Path, **values: Any) -> Seq2SeqSummarizer:
-    chosen = settings(summarizer="seq2seq", model_name=str(model_dir), **values)
+    chosen = settings(summarizer="seq2seq", model_name=str(model_dir),
+                      seq2seq_backend="transformers", **values)
     model = load_summarizer(chosen, "cpu")
     assert isinstance(model, Seq2SeqSummarizer)
     return model
@@ -104,6 +106,38 @@ def test_seq2seq_generation_settings_override_the_checkpoint(tiny_model_dir: Pat
 
 def test_seq2seq_input_cap_follows_the_position_limit(tiny_model_dir: Path) -> None:
     assert seq2seq(tiny_model_dir, max_input_tokens=4096).max_input_tokens == 1024
+
+
+def test_the_tokenizer_pads_to_repeating_shapes(tiny_model_dir: Path) -> None:
+    model = seq2seq(tiny_model_dir)
+    rows = model.source.sorted_rows(["A much longer story about the harbour.", "", "Short."])
+    padded = model.source.pad(rows.rows, 8)
+    longest = len(rows.rows[0])
+    assert longest % 8 and padded["input_ids"].shape == (2, (longest // 8 + 1) * 8)
+    assert padded["attention_mask"].sum(dim=1).tolist() == [len(row) for row in rows.rows]
+    assert (padded["input_ids"][padded["attention_mask"] == 0] == 1).all()  # BART's pad id
+    assert model.source.pad(rows.rows, None)["input_ids"].shape == (2, len(rows.rows[0]))
+
+
+def test_allocation_failures_count_as_out_of_memory() -> None:
+    assert device_out_of_memory(RuntimeError("CUDA failed with error out of memory"))
+    assert device_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when "
+                                             "calling `cublasCreate(handle)`"))
+    assert not device_out_of_memory(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"))
+    assert not device_out_of_memory(ValueError("bad input"))
+
+
+def test_static_cache_falls_back_only_on_set_up_errors_before_it_worked(
+    tiny_model_dir: Path,
+) -> None:
+    model = seq2seq(tiny_model_dir)
+    assert not model._static_unsupported(ValueError("no static cache"))  # it is off
+    model.static_cache = True  # as on CUDA with GPU_STATIC_CACHE
+    assert model._static_unsupported(ValueError("does not support static cache"))
+    assert model._static_unsupported(NotImplementedError())
+    assert not model._static_unsupported(RuntimeError("device-side assert triggered"))
+    model._static_proven = True  # once it has worked, an error is an error
+    assert not model._static_unsupported(ValueError("shape"))
 
 
 # --- loading failures ----------------------------------------------------------------------
