@@ -10,7 +10,9 @@ as subprocesses. A feeder keeps at most a window of items ahead of the answers, 
 event fires while items are in flight; events fire at seeded random points of progress.
 At the end an independent ``read_committed`` consumer reads the output and DLQ topics, and
 one figures line per mode goes to stdout. Exit 1 when an item was lost, on any duplicate
-under exactly_once, or on more duplicates than the at-least-once bound.
+under exactly_once, on more duplicates than the at-least-once bound, or when a processor
+exited that the harness did not kill. The faults beyond kill -9 (outputs too large, a broken
+replica, a long outage, failed rebalances, a slow model) are :mod:`streamproc.matrix`'s.
 """
 
 from __future__ import annotations
