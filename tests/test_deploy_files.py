@@ -122,12 +122,12 @@ def test_dockerfile_base_user_entrypoint() -> None:
     assert ("STOPSIGNAL", "SIGTERM") in instrs
 
 
-def test_dockerfile_runtime_stage_copies_only_the_venv() -> None:
+def test_dockerfile_runtime_stage_copies_only_the_venv_and_the_wheel() -> None:
     """The build inputs (pyproject, sources, an optional build-ca.pem) stay in the builder."""
     instrs = _dockerfile_instructions()
     runtime = instrs[instrs.index(("FROM", "${BASE_IMAGE} AS runtime")):]
     assert [args for instr, args in runtime if instr == "COPY"] == [
-        "--from=builder /opt/venv /opt/venv"]
+        "--from=builder /opt/venv /opt/venv", "--from=builder /dist/ /tmp/dist/"]
 
 
 def test_dockerfile_copy_sources_exist() -> None:
