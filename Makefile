@@ -23,7 +23,7 @@ lint: install
 	$(VENV)/bin/ruff check streamproc tests bench scripts
 	$(VENV)/bin/mypy
 
-# Builds the images from nothing and runs docker-compose.yml for real (about N minutes; see the
+# Builds the images from nothing and runs docker-compose.yml for real (about 15 minutes; see the
 # README). Sets up a Docker engine first when this machine has none (scripts/docker_engine.sh).
 container-test: install
 	bash scripts/docker_engine.sh
