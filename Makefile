@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo kafka-up kafka-down kafka-smoke chaos bench clean
+.PHONY: install test lint demo kafka-up kafka-down kafka-smoke chaos bench clean container-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,12 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check streamproc tests bench scripts
 	$(VENV)/bin/mypy
+
+# Builds the images from nothing and runs docker-compose.yml for real (about 15 minutes; see the
+# README). Sets up a Docker engine first when this machine has none (scripts/docker_engine.sh).
+container-test: install
+	bash scripts/docker_engine.sh
+	$(PY) -m pytest -m container tests/test_container.py -v -ra $(PYTEST_ARGS)
 
 demo: install
 	$(PY) -m streamproc demo

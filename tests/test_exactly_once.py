@@ -17,7 +17,6 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from streamproc.engine import SummaryWorker
@@ -26,7 +25,7 @@ from streamproc.partition import Phase
 from streamproc.pipeline import StreamProcessor
 from streamproc.settings import Settings
 from streamproc.sinks import ExactlyOnceSink
-from tests.kafka_broker import create_topic, read_all, unique_topic
+from tests.kafka_broker import committed_offsets, create_topic, read_all, unique_topic
 from tests.pipeline_helpers import identity_worker, running
 
 pytestmark = pytest.mark.kafka
@@ -87,14 +86,8 @@ async def produce(bootstrap: str, topic: str, records: Sequence[tuple[bytes, byt
 
 
 async def committed(settings: Settings) -> dict[int, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers)
-    await admin.start()
-    try:
-        offsets = await admin.list_consumer_group_offsets(settings.kafka_group_id)
-    finally:
-        await admin.close()
-    return {tp.partition: m.offset for tp, m in offsets.items()
-            if tp.topic == settings.kafka_input_topic and m.offset >= 0}
+    return await committed_offsets(settings.kafka_bootstrap_servers, settings.kafka_group_id,
+                                   settings.kafka_input_topic)
 
 
 async def output_ids(settings: Settings, isolation_level: str = "read_committed") -> Counter[str]:

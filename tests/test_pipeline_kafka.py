@@ -22,13 +22,18 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from streamproc import intake
 from streamproc.engine import build_worker
 from streamproc.pipeline import StreamProcessor
 from streamproc.settings import Settings
-from tests.kafka_broker import create_topic, partitions_of, read_all, unique_topic
+from tests.kafka_broker import (
+    committed_offsets,
+    create_topic,
+    partitions_of,
+    read_all,
+    unique_topic,
+)
 from tests.pipeline_helpers import identity_worker, running
 
 pytestmark = pytest.mark.kafka
@@ -109,17 +114,6 @@ def end_offsets(metadata: Sequence[Any]) -> dict[int, int]:
     for meta in metadata:
         ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
     return ends
-
-
-async def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        offsets = await asyncio.wait_for(admin.list_consumer_group_offsets(group), 30)
-    finally:
-        await admin.close()
-    return {tp.partition: meta.offset for tp, meta in offsets.items()
-            if tp.topic == topic and meta.offset >= 0}
 
 
 def headers_of(record: Record) -> dict[str, str]:

@@ -7,6 +7,7 @@
 #   bash $HERE/kafka.sh stop [--wipe]  # stop it; --wipe also deletes its data
 #   bash scripts/kafka.sh clean          # same as: stop --wipe
 #   bash scripts/kafka.sh status         # exit 0 + address if answering, else exit 1
+#   bash scripts/kafka.sh jars           # fetch the jars (once), print their directory
 #
 # Environment:
 #   KAFKA_BOOTSTRAP_SERVERS  if set and its first host:port answers, `start`/`status`
@@ -324,7 +325,7 @@ cmd_status() {
 }
 
 usage() {
-  echo "usage: $0 start | stop [--wipe] | clean | status" >&2
+  echo "usage: $0 start | stop [--wipe] | clean | status | jars" >&2
   exit 2
 }
 
@@ -335,6 +336,7 @@ case "$verb" in
   stop) cmd_stop "$@" ;;
   clean) [[ $# -eq 0 ]] || usage; cmd_stop --wipe ;;
   status) [[ $# -eq 0 ]] || usage; cmd_status ;;
+  jars) [[ $# -eq 0 ]] || usage; fetch_jars; echo "$LIB_DIR" ;;
   -h|--help|help) usage ;;
   *) usage ;;
 esac
