@@ -22,9 +22,12 @@ from typing import Any
 import orjson
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 from streamproc import intake
 from streamproc.engine import build_worker
+from streamproc.errors import RebalanceFailed
+from streamproc.partition import Partition, Phase
 from streamproc.pipeline import StreamProcessor
 from streamproc.settings import Settings
 from tests.kafka_broker import (
@@ -475,6 +478,33 @@ async def test_backpressure_bounds_open_records_and_pauses_only_long_stalls(
     outputs = await read_all(kafka_bootstrap, settings.kafka_output_topic)
     assert Counter(orjson.loads(r.value)["id"] for r in outputs) == Counter(
         item_id for item_id, _ in items)
+
+
+async def test_a_failed_partition_set_up_stops_the_member_non_zero(kafka_bootstrap: str) -> None:
+    """aiokafka swallows what a rebalance callback raises. If setting up the assigned
+    partitions fails (here the sink's set-up raises as an unreachable broker would), the
+    processor stops them and itself with RebalanceFailed, rather than stay a member with
+    partitions it never serves."""
+    settings = make_settings(kafka_bootstrap)
+    await create_topics(settings)
+    worker = identity_worker()
+    await worker.start()
+    processor = StreamProcessor(settings, worker)
+
+    async def set_up_fails(partitions: list[Partition]) -> None:
+        raise KafkaConnectionError("the broker went away during set-up")
+
+    processor.sink.assigned = set_up_fails  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(processor.start(), 60)
+        with pytest.raises(RebalanceFailed, match="the broker went away"):
+            await asyncio.wait_for(processor.run(), 60)
+        stopped = [processor.partition(tp) for tp in processor.assigned]
+        assert stopped and all(p is not None and p.phase is Phase.STOPPED for p in stopped)
+        assert processor.stats.consumed == 0
+    finally:
+        await processor.stop()
+        await worker.stop(1)
 
 
 async def test_shutdown_is_bounded_by_shutdown_timeout(kafka_bootstrap: str) -> None:
