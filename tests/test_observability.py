@@ -25,10 +25,12 @@ from pathlib import Path
 import pytest
 
 from streamproc.engine import build_worker
+from streamproc.errors import DeliveryFailed
 from streamproc.observability import Observability
 from streamproc.pipeline import StreamProcessor
 from streamproc.settings import Settings
 from tests.kafka_broker import read_all, unique_topic
+from tests.pipeline_helpers import identity_worker
 from tests.probes import (
     BAD_RECORDS,
     Samples,
@@ -260,3 +262,28 @@ def test_a_metrics_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> N
     assert done.stderr.splitlines() == [
         f"streamproc: invalid setting METRICS_PORT={port}: cannot listen on 127.0.0.1:{port} "
         "(Address already in use); pick a free port, or 0 for none"]
+
+
+async def test_liveness_fails_with_its_reason_when_no_replica_is_healthy_or_a_fault_stops(
+        ) -> None:
+    """/healthz's answer: the last healthy replica leaving, or a fault not a record's own
+    stopping the processor, each turn it to 503 with the reason (no broker needed)."""
+    settings = Settings(_env_file=None, metrics_port=0, summarizer="identity",  # type: ignore[call-arg]
+                        gpu_device_ids="cpu", gpu_enable_warmup=False)
+    worker = identity_worker()
+    await worker.start()
+    processor = StreamProcessor(settings, worker)
+    try:
+        health = Observability(settings, worker, processor)
+        assert health.liveness() == (True, "ok")
+        processor.fatal = DeliveryFailed("feeds-0: not acknowledged within "
+                                         "KAFKA_DELIVERY_TIMEOUT_MS")
+        ok, why = health.liveness()
+        assert not ok and "KAFKA_DELIVERY_TIMEOUT_MS" in why
+        processor.fatal = None
+        for replica in worker.replicas:
+            replica.broken(RuntimeError("device-side assert"))
+        assert health.liveness() == (False, "no healthy model replica")
+    finally:
+        await processor.stop()
+        await worker.stop(1)
