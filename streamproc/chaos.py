@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import random
 import sys
 import tempfile
@@ -35,9 +34,8 @@ import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from .harness import BAD, PORT, Processor, Tracker, broker, read_committed, say
+from .harness import BAD, PORT, Processor, Tracker, broker, processor_env, read_committed, say
 from .progress import Progress
-from .settings import Settings
 
 __all__ = ["main"]
 
@@ -54,15 +52,8 @@ class Run:
         self.dlq = [TopicPartition(f"{name}.dlq", p) for p in range(2)]
         self.logs = logs / f"{mode}-{name}"
         self.logs.mkdir(parents=True)
-        self.env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
-        self.env.update(
-            KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_INPUT_TOPIC=self.topic,
-            KAFKA_OUTPUT_TOPIC=self.out[0].topic, KAFKA_DLQ_TOPIC=self.dlq[0].topic,
-            KAFKA_GROUP_ID=self.group, KAFKA_CREATE_TOPICS="true", PROCESSING_GUARANTEE=mode,
-            SUMMARIZER="identity", GPU_DEVICE_IDS="cpu", GPU_ENABLE_WARMUP="false",
-            GPU_USE_FP16="false", KAFKA_COMMIT_INTERVAL_MS="300", SHUTDOWN_TIMEOUT_S="10",
-            KAFKA_CONNECT_TIMEOUT_S="120", LOG_LEVEL="INFO", LOG_INTERVAL_S="5",
-            KAFKA_TRANSACTIONAL_ID_PREFIX=name, METRICS_PORT="0")
+        self.env = processor_env(bootstrap, name, mode, KAFKA_CREATE_TOPICS="true",
+                                 SHUTDOWN_TIMEOUT_S="10", KAFKA_CONNECT_TIMEOUT_S="120")
         self.sent = self.bad_sent = self.kills = self.restarts = self.exits = 0
         self.bound = 0  # at-least-once: the duplicates the kills may cause, at most
         self.in_flight_at_events: list[int] = []

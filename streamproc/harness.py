@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from .engine import SummaryWorker
 
 __all__ = ["BAD", "PORT", "BreakableModel", "Processor", "Tracker", "breakable_worker", "broker",
-           "read_committed", "reader", "say"]
+           "processor_env", "read_committed", "reader", "say"]
 
 # Not 39092: ports from 32768 up are Linux's ephemeral range, and a client that reconnects to
 # a stopped broker there soon gets the broker's port as its own (a TCP self-connect); the
@@ -60,6 +60,22 @@ def broker(action: str, *extra: str, properties: str = "") -> None:
         say(f"kafka.sh {action} failed (attempt {attempt + 1}); retrying in 5 s")
         time.sleep(5)
     raise RuntimeError(f"kafka.sh {action} failed:\n{done.stderr[-2000:]}")
+
+
+def processor_env(bootstrap: str, name: str, mode: str, **overrides: str) -> dict[str, str]:
+    """A harness processor's environment: this one's without any streamproc setting, then the
+    topics ``<name>.in``, ``.out`` and ``.dlq``, the group ``<name>-group``, the identity
+    summarizer on the CPU, 300 ms commits, no metrics server, and ``overrides``."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_INPUT_TOPIC=f"{name}.in",
+        KAFKA_OUTPUT_TOPIC=f"{name}.out", KAFKA_DLQ_TOPIC=f"{name}.dlq",
+        KAFKA_GROUP_ID=f"{name}-group", PROCESSING_GUARANTEE=mode, SUMMARIZER="identity",
+        GPU_DEVICE_IDS="cpu", GPU_ENABLE_WARMUP="false", GPU_USE_FP16="false",
+        KAFKA_COMMIT_INTERVAL_MS="300", LOG_LEVEL="INFO", LOG_INTERVAL_S="5",
+        KAFKA_TRANSACTIONAL_ID_PREFIX=name, METRICS_PORT="0")
+    env.update(overrides)
+    return env
 
 
 class BreakableModel:

@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -44,9 +43,8 @@ import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from .harness import BAD, PORT, Processor, Tracker, broker, read_committed, say
+from .harness import BAD, PORT, Processor, Tracker, broker, processor_env, read_committed, say
 from .progress import Progress
-from .settings import Settings
 
 __all__ = ["CASES", "Case", "main"]
 
@@ -139,16 +137,9 @@ class CaseRun:
         self.dlq = [TopicPartition(f"{name}.dlq", 0)]
         self.logs = logs / f"{case.name}-{mode}"
         self.logs.mkdir(parents=True)
-        self.env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
-        self.env.update(
-            KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_INPUT_TOPIC=self.topic,
-            KAFKA_OUTPUT_TOPIC=self.out[0].topic, KAFKA_DLQ_TOPIC=self.dlq[0].topic,
-            KAFKA_GROUP_ID=self.group, KAFKA_CREATE_TOPICS="false", PROCESSING_GUARANTEE=mode,
-            SUMMARIZER="identity", GPU_DEVICE_IDS="cpu", GPU_ENABLE_WARMUP="false",
-            GPU_USE_FP16="false", KAFKA_COMMIT_INTERVAL_MS="300", SHUTDOWN_TIMEOUT_S="5",
-            KAFKA_SESSION_TIMEOUT_MS="6000", KAFKA_CONNECT_TIMEOUT_S="60", LOG_LEVEL="INFO",
-            LOG_INTERVAL_S="5", KAFKA_TRANSACTIONAL_ID_PREFIX=name, METRICS_PORT="0")
-        self.env.update(case.env)
+        self.env = processor_env(bootstrap, name, mode, KAFKA_CREATE_TOPICS="false",
+                                 SHUTDOWN_TIMEOUT_S="5", KAFKA_SESSION_TIMEOUT_MS="6000",
+                                 KAFKA_CONNECT_TIMEOUT_S="60", **case.env)
         self.shutdown_s = float(self.env["SHUTDOWN_TIMEOUT_S"])
         self.n = case.items or args.n
         self.ids = [f"{name}-{i:05d}" for i in range(self.n)]
