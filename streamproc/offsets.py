@@ -45,7 +45,3 @@ class OffsetTracker:
 
     def mark_committed(self, position: int) -> None:
         self.committed = position
-
-    def oldest_open(self) -> int | None:
-        """The lowest offset not yet complete, if any."""
-        return self._open[0] if self._open else None

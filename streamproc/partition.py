@@ -94,7 +94,6 @@ class Partition:
         self.phase = Phase.ASSIGNED
         self.epoch = 0
         self.tracker = OffsetTracker()
-        self.stop_reason: str | None = None
         self._next_offset: int | None = None  # the lowest offset not seen yet in this epoch
         self._pending: deque[Entry] = deque()
         self._ready = asyncio.Event()
@@ -199,7 +198,6 @@ class Partition:
             return
         self.phase = Phase.STOPPED
         self._ended.set()
-        self.stop_reason = reason
         log.warning("%s stopped: %s; its uncommitted records are left for the next owner",
                     self.name, reason)
         self.hold("phase")

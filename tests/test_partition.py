@@ -142,7 +142,6 @@ async def test_a_finished_partition_accepts_writes_and_resumes_nothing(end: str)
     p.enqueue([Entry(p.epoch, records(10)[0], 0.0)])
     if end == "stop":
         p.stop("no healthy replica")
-        assert p.stop_reason == "no healthy replica"
     else:
         p.drain()
         p.revoke()
