@@ -137,9 +137,9 @@ class CaseRun:
         self.dlq = [TopicPartition(f"{name}.dlq", 0)]
         self.logs = logs / f"{case.name}-{mode}"
         self.logs.mkdir(parents=True)
-        self.env = processor_env(bootstrap, name, mode, KAFKA_CREATE_TOPICS="false",
-                                 SHUTDOWN_TIMEOUT_S="5", KAFKA_SESSION_TIMEOUT_MS="6000",
-                                 KAFKA_CONNECT_TIMEOUT_S="60", **case.env)
+        defaults = {"KAFKA_CREATE_TOPICS": "false", "SHUTDOWN_TIMEOUT_S": "5",
+                    "KAFKA_SESSION_TIMEOUT_MS": "6000", "KAFKA_CONNECT_TIMEOUT_S": "60"}
+        self.env = processor_env(bootstrap, name, mode, **{**defaults, **case.env})
         self.shutdown_s = float(self.env["SHUTDOWN_TIMEOUT_S"])
         self.n = case.items or args.n
         self.ids = [f"{name}-{i:05d}" for i in range(self.n)]
