@@ -90,8 +90,8 @@ from bench.common import ROOT, git_commit, load_average
 from streamproc.ct2 import chosen_backend
 from streamproc.devtools import TINY_CORPUS, build_tiny_model
 from streamproc.engine import build_worker
+from streamproc.errors import OutOfMemory
 from streamproc.progress import Progress
-from streamproc.replicas import is_out_of_memory
 from streamproc.settings import Settings
 from streamproc.summarizers import CT2Summarizer, load_summarizer
 
@@ -306,7 +306,7 @@ def _free_memory() -> None:
 
 def _error(exc: BaseException) -> dict[str, Any]:
     return {"type": type(exc).__name__, "message": str(exc).splitlines()[0][:300] if str(exc)
-            else "", "oom": is_out_of_memory(exc)}
+            else "", "oom": OutOfMemory.describes(exc)}
 
 
 class _Layout:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 from .checkpoints import load_pretrained
 from .ct2_convert import converted_model, default_cache_dir
 from .errors import ConfigError, OutOfMemory
-from .seq2seq import SortedRows, SourceTokenizer, device_out_of_memory, resolved_generation
+from .seq2seq import SortedRows, SourceTokenizer, resolved_generation
 
 __all__ = [
     "CT2Summarizer", "DecodeOptions", "chosen_backend", "compute_type_for", "decode_options",
@@ -214,7 +214,7 @@ class CT2Summarizer:
                 batch.sources, target_prefix=prefix, **budget, **self.options.as_kwargs()
             )
         except RuntimeError as exc:
-            if device_out_of_memory(exc):
+            if OutOfMemory.describes(exc):
                 raise OutOfMemory(f"ctranslate2: {exc}") from exc
             raise
         to_ids = self.tokenizer.convert_tokens_to_ids

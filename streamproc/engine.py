@@ -10,7 +10,8 @@ from .settings import GPUConfig, Settings
 from .summarizers import Summarizer, load_summarizer, prepare_batch, run_prepared
 from .worker import GPUWorker
 
-__all__ = ["SummaryWorker", "build_worker", "estimate_tokens", "sample_feed", "warmup_texts"]
+__all__ = ["SummaryWorker", "build_worker", "calibration_texts", "estimate_tokens", "sample_feed",
+           "warmup_texts"]
 
 SummaryWorker = GPUWorker[Summarizer, str, str]
 
@@ -35,9 +36,25 @@ def warmup_texts(max_input_tokens: int, batch_size: int) -> tuple[str, ...]:
     return (long_text[: max_input_tokens * 4],) * batch_size
 
 
+CALIBRATION_ITEMS = 1536  # 2 x the largest calibration candidate
+
+
+def calibration_texts(max_input_tokens: int, count: int = CALIBRATION_ITEMS) -> tuple[str, ...]:
+    """Inputs of many lengths, from an eighth of the cap to all of it, for calibration. The
+    lengths follow a golden-ratio sequence, so every prefix of the tuple is spread over the
+    whole range (calibration takes prefixes)."""
+    longest = warmup_texts(max_input_tokens, 1)[0]
+    shortest = max(1, len(longest) // 8)
+    step = 0.6180339887498949
+    return tuple(longest[: shortest + int(((i * step) % 1.0) * (len(longest) - shortest))]
+                 for i in range(count))
+
+
 def build_worker(settings: Settings) -> SummaryWorker:
-    config = GPUConfig.from_settings(settings, warmup_payloads=warmup_texts(
-        settings.max_input_tokens, settings.gpu_batch_size))
+    config = GPUConfig.from_settings(
+        settings,
+        warmup_payloads=warmup_texts(settings.max_input_tokens, settings.gpu_batch_size),
+        calibration_payloads=calibration_texts(settings.max_input_tokens))
     return GPUWorker(
         functools.partial(load_summarizer, settings),
         config,

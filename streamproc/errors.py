@@ -67,6 +67,18 @@ class OutOfMemory(InferenceFailed):
     """Device memory ran out. The worker splits the batch and retries."""
 
     reason_code = "out_of_memory"
+    # What a device allocation failure says when it is not torch's OutOfMemoryError: cuBLAS
+    # and cuDNN raise plain RuntimeErrors, CTranslate2 its own "out of memory".
+    MARKERS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
+
+    @classmethod
+    def describes(cls, exc: BaseException) -> bool:
+        """Whether ``exc`` means device memory ran out: ours, torch's ``OutOfMemoryError``
+        (checked by name: no torch import here), or an allocation failure by its message."""
+        if isinstance(exc, cls) or type(exc).__name__ == "OutOfMemoryError":
+            return True
+        text = str(exc).lower()
+        return any(marker in text for marker in cls.MARKERS)
 
 
 class ReplicaBroken(InferenceFailed):

@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from .errors import InferenceFailed, ItemTooLarge, ReplicaBroken, StreamprocError
+from .errors import InferenceFailed, ItemTooLarge, OutOfMemory, ReplicaBroken, StreamprocError
 from .metrics import WorkerStats
-from .replicas import Replica, is_out_of_memory
+from .replicas import Replica
 
 __all__ = ["ChunkRunner", "Request"]
 
@@ -91,7 +91,7 @@ class ChunkRunner(Generic[M, P, R]):
         try:
             results = await self.call(replica, chunk, prepared)
         except Exception as exc:
-            if is_out_of_memory(exc):
+            if OutOfMemory.describes(exc):
                 await self._split_on_oom(replica, chunk, exc)
                 return
             if not await self.probe(replica):
@@ -141,7 +141,7 @@ class ChunkRunner(Generic[M, P, R]):
             return 0
         except Exception as exc:
             error: StreamprocError
-            if is_out_of_memory(exc):
+            if OutOfMemory.describes(exc):
                 error = ItemTooLarge(f"out of memory on a single item: {exc}")
             elif await self.probe(replica):
                 error = InferenceFailed(f"{type(exc).__name__}: {exc}")
@@ -181,6 +181,7 @@ class ChunkRunner(Generic[M, P, R]):
             return
         self.stats.oom_splits += 1
         log.warning("%s: out of memory on %d items; splitting", replica.name, len(chunk))
+        await replica.release_memory()
         half = len(chunk) // 2
         for part in (chunk[:half], chunk[half:]):
             await self.run(replica, part, retried=True)

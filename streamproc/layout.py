@@ -1,10 +1,11 @@
 """Building the replica layout: probe, load, warm up, calibrate, plan.
 
 For each device: load the first replica and measure its footprint (free memory before and
-after); run its warm-up batch and measure the peak activations; on the first device,
-calibrate the batch size (:mod:`streamproc.autotune`); plan the device with the measured
-numbers (:func:`streamproc.planner.plan_device`); load the remaining replicas; and keep them
-only if they earn their place.
+after); run its warm-up batch (maximum-length inputs: the worst case) and measure the memory
+it reserves; on the first device, calibrate the batch size and token budget on mixed lengths
+(:mod:`streamproc.autotune`); plan the device with the measured numbers
+(:func:`streamproc.planner.plan_device`); load the remaining replicas; and keep them only if
+they earn their place.
 """
 
 from __future__ import annotations
@@ -38,15 +39,16 @@ log = logging.getLogger("streamproc.layout")
 async def build_layout(
     loader: Callable[[str], M], config: GPUConfig,
     direct: Callable[[M, list[Any]], Sequence[Any]], replicas: list[Replica[M]],
+    cost: Callable[[Any], int] | None = None,
 ) -> tuple[GPUConfig, list[DevicePlan], TuneReport | None]:
     """Load every device's replicas into ``replicas`` (so the caller can free them if this
-    fails half-way). Returns the config (with a calibrated batch size), the plans and the
-    calibration report."""
+    fails half-way). Returns the config (with a calibrated batch size and token budget), the
+    plans and the calibration report. ``cost`` is the batcher's (tokens of a payload)."""
     plans: list[DevicePlan] = []
     report: TuneReport | None = None
     for device in resolve_devices(config):
         config, plan, report = await _load_device(loader, config, direct, replicas, device,
-                                                  report)
+                                                  report, cost)
         plans.append(plan)
     return config, plans, report
 
@@ -54,6 +56,7 @@ async def build_layout(
 async def _load_device(
     loader: Callable[[str], M], cfg: GPUConfig, direct: Callable[[M, list[Any]], Sequence[Any]],
     replicas: list[Replica[M]], device: str, report: TuneReport | None,
+    cost: Callable[[Any], int] | None,
 ) -> tuple[GPUConfig, DevicePlan, TuneReport | None]:
     loop = asyncio.get_running_loop()
     before = probe_memory(device)
@@ -68,11 +71,15 @@ async def _load_device(
         candidates = cfg.autotune_candidates or (GPU_CANDIDATES if cuda else CPU_CANDIDATES)
         # A batch never holds more than the queue does.
         fitting = [size for size in candidates if size <= cfg.queue_size] or [cfg.queue_size]
-        report = await tune_batch_size(first, direct, cfg.warmup_payloads,
-                                       GPU_BUDGET_S if cuda else CPU_BUDGET_S, fitting, warmup)
+        report = await tune_batch_size(
+            first, direct, cfg.calibration_payloads or cfg.warmup_payloads,
+            GPU_BUDGET_S if cuda else CPU_BUDGET_S, fitting, warmup, cost=cost,
+            ceiling=cfg.max_batch_tokens)
         if report.batch_size is not None:
-            cfg = cfg.model_copy(update={"batch_size": report.batch_size})
-            activation_gb = report.peak_activation_gb[cfg.batch_size]
+            assert report.max_items is not None
+            cfg = cfg.model_copy(update={"batch_size": report.max_items,
+                                         "max_batch_tokens": report.max_batch_tokens})
+            activation_gb = max(activation_gb, report.peak_activation_gb[report.batch_size])
     model_gb = None
     if before.free_gb is not None and after_load.free_gb is not None:
         model_gb = max(before.free_gb - after_load.free_gb, 0.01)
@@ -85,9 +92,8 @@ async def _load_device(
         replicas.append(replica)
         on_device.append(replica)
         await measure_warmup(replica, direct, cfg, loop)
-    if report is not None and len(on_device) > 1:
-        keep = await tune_replicas(on_device, direct, cfg.warmup_payloads, cfg.batch_size,
-                                   report)
+    if report is not None and report.batches and len(on_device) > 1:
+        keep = await tune_replicas(on_device, direct, report.batches, report)
         for extra in on_device[keep:]:
             extra.retire()
             replicas.remove(extra)

@@ -1,4 +1,10 @@
-"""One model replica: a model on a device, with its own thread, and its health."""
+"""One model replica: a model on a device, with its own thread, and its health.
+
+The thread is bound to the replica's CUDA device when it starts, so a model call on it
+allocates on that device whichever GPU it is. Device memory is measured as the allocator
+*reserves* it (:class:`MemoryWatch`), not as tensors hold it: what the planner must leave
+room for is what the process takes from the card.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +13,68 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Generic, TypeVar
 
-from .errors import OutOfMemory
 from .planner import GIB
 from .settings import GPUConfig
 
-__all__ = ["Replica", "is_out_of_memory", "measure_warmup", "warmup_items"]
+__all__ = ["MemoryWatch", "Replica", "measure_warmup", "warmup_items"]
 
 M = TypeVar("M")
 log = logging.getLogger("streamproc.replicas")
 CPU_WARMUP_ITEMS = 2
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """torch's ``OutOfMemoryError`` (checked by name: no torch import here), or ours."""
-    if isinstance(exc, OutOfMemory):
-        return True
-    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+def _bind_thread(device: str) -> None:
+    """A replica thread's initializer: make ``device`` the thread's current CUDA device."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
+
+
+class MemoryWatch:
+    """The device memory a stretch of model work needs, on the calling thread: the growth of
+    torch's peak *reserved* memory over a cache emptied at the start, or the drop in the
+    driver's free memory (which sees allocators other than torch's, such as CTranslate2's),
+    whichever is larger. Zero on the CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.cuda = device.startswith("cuda")
+        self._reserved = 0
+        self._free = 0
+
+    def __enter__(self) -> MemoryWatch:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._reserved = torch.cuda.memory_reserved(self.device)
+            self._free = torch.cuda.mem_get_info(torch.device(self.device))[0]
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+
+    def peak_gb(self) -> float:
+        if not self.cuda:
+            return 0.0
+        import torch
+
+        reserved = torch.cuda.max_memory_reserved(self.device) - self._reserved
+        driver = self._free - torch.cuda.mem_get_info(torch.device(self.device))[0]
+        return float(max(reserved, driver, 0)) / GIB
 
 
 @dataclass(slots=True)
@@ -47,7 +97,8 @@ class Replica(Generic[M]):
     async def load(cls, loader: Callable[[str], M], device: str, index: int,
                    loop: asyncio.AbstractEventLoop) -> Replica[M]:
         """Build the model on the replica's own thread, which later runs all its batches."""
-        executor = ThreadPoolExecutor(1, thread_name_prefix=f"replica-{index}-{device}")
+        executor = ThreadPoolExecutor(1, thread_name_prefix=f"replica-{index}-{device}",
+                                      initializer=_bind_thread, initargs=(device,))
         try:
             model = await loop.run_in_executor(executor, loader, device)
         except BaseException:
@@ -75,6 +126,14 @@ class Replica(Generic[M]):
     def succeeded(self) -> None:
         self.consecutive_blames = 0
 
+    async def release_memory(self) -> None:
+        """After running out of memory: hand torch's cached blocks back to the card, so the
+        retry (and any other process) has the room it needs."""
+        if self.device.startswith("cuda"):
+            import torch
+
+            await asyncio.get_running_loop().run_in_executor(self.executor, torch.cuda.empty_cache)
+
     def retire(self) -> None:
         """Leave the rotation for good and free the model (autotune found it not worth it)."""
         self.healthy = False
@@ -86,8 +145,10 @@ class Replica(Generic[M]):
             torch.cuda.empty_cache()
 
     def describe(self) -> dict[str, Any]:
+        engine = getattr(self.model, "describe", None)  # the built-in summarizers say theirs
         return {"index": self.index, "device": self.device, "healthy": self.healthy,
-                "blames": self.blames, "last_error": self.last_error}
+                "blames": self.blames, "last_error": self.last_error,
+                "engine": engine() if callable(engine) else None}
 
 
 def warmup_items(device: str, config: GPUConfig) -> int:
@@ -108,23 +169,14 @@ async def measure_warmup(replica: Replica[M], task: Callable[[M, list[Any]], Seq
         log.warning("%s: GPU_ENABLE_WARMUP is set but no warm-up payloads were given", replica.name)
         return 0.0
 
-    on_gpu = replica.device.startswith("cuda")
     # no VRAM to plan from on the CPU: a short batch only loads the code paths
     payloads = payloads[:warmup_items(replica.device, config)]
 
     def run() -> float:
-        if not on_gpu:
+        with MemoryWatch(replica.device) as watch:
             task(replica.model, payloads)
-            return 0.0
-        import torch
-
-        device = torch.device(replica.device)
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        task(replica.model, payloads)
-        torch.cuda.synchronize(device)
-        return float(max(torch.cuda.max_memory_allocated(device) - base, 0)) / GIB
+            watch.synchronize()
+            return watch.peak_gb()
 
     peak = await loop.run_in_executor(replica.executor, run)
     log.info("%s warmed up on %d items (peak activations %.2f GiB)", replica.name,

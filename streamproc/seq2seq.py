@@ -30,20 +30,11 @@ from .settings import Settings
 
 __all__ = [
     "MAX_CHARS_PER_TOKEN", "PreparedBatch", "Seq2SeqSummarizer", "SortedRows", "SourceTokenizer",
-    "device_out_of_memory", "generation_overrides", "resolved_generation",
+    "generation_overrides", "resolved_generation",
 ]
 
 log = logging.getLogger("streamproc.seq2seq")
 CUDA_PAD_MULTIPLE = 8  # inputs padded to a multiple of this on CUDA: repeating shapes
-_OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
-
-
-def device_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` means device memory ran out: torch's OOM, or a cuBLAS/cuDNN/CTranslate2
-    allocation failure (raised as a plain ``RuntimeError``)."""
-    return type(exc).__name__ == "OutOfMemoryError" or any(
-        marker.lower() in str(exc).lower() for marker in _OOM_MARKERS)
-
 # A token is rarely longer than this many characters; texts are cut to
 # ``max_tokens * MAX_CHARS_PER_TOKEN`` characters before tokenizing so huge inputs stay cheap.
 MAX_CHARS_PER_TOKEN = 16
@@ -231,22 +222,32 @@ class Seq2SeqSummarizer:
         return self.source.summaries(batch.rows, output.tolist())
 
     def _generate(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        out_of_memory: str | None = None
         try:
             with torch.inference_mode():
                 output = self.model.generate(**inputs, generation_config=self._call_config,
                                              logits_processor=self._processors)
         except Exception as exc:
-            if device_out_of_memory(exc):
-                raise OutOfMemory(f"{type(exc).__name__}: {exc}") from exc
-            if not self._static_unsupported(exc):
-                raise
-            log.warning("static KV cache unsupported for %s (%s: %s); using the dynamic cache",
-                        self.model_name, type(exc).__name__, exc)
-            self.static_cache = False
-            self._configure_call()
-            return self._generate(inputs)
+            if not OutOfMemory.describes(exc):
+                if not self._static_unsupported(exc):
+                    raise
+                log.warning("static KV cache unsupported for %s (%s: %s); using the dynamic "
+                            "cache", self.model_name, type(exc).__name__, exc)
+                self.static_cache = False
+                self._configure_call()
+                return self._generate(inputs)
+            out_of_memory = f"{type(exc).__name__}: {exc}"
+        if out_of_memory is not None:
+            # Raised outside the except block, unchained: the failed call's frames, and the
+            # KV cache and activations they hold, are freed before the worker retries.
+            raise OutOfMemory(out_of_memory)
         self._static_proven = self.static_cache
         return output
+
+    def describe(self) -> dict[str, Any]:
+        """What really runs, for the worker's metrics: the static cache may have fallen back."""
+        return {"backend": "transformers", "dtype": str(self.model.dtype).removeprefix("torch."),
+                "static_cache": self.static_cache}
 
     def _static_unsupported(self, exc: Exception) -> bool:
         """Whether ``exc`` says the static cache cannot work for this model: only before it

@@ -92,11 +92,12 @@ class GPUConfig(BaseModel):
     device_ids: DeviceIds = None
     device_id: int | None = Field(default=None, ge=0)  # the spec's one device
     max_batch_tokens: int | None = Field(default=None, ge=1)
-    length_sort_window: int | None = Field(default=None, ge=0)  # None: 4 x batch_size with a cost
+    length_sort_window: int | None = Field(default=None, ge=0)  # None: the queue, with a cost
     autotune: bool = False
     autotune_candidates: tuple[int, ...] | None = None  # None: autotune.{GPU,CPU}_CANDIDATES
     replica_max_failures: int = Field(default=3, ge=1)
     warmup_payloads: tuple[Any, ...] = ()
+    calibration_payloads: tuple[Any, ...] = ()  # mixed lengths; none: the warm-up payloads
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -256,9 +257,10 @@ class Settings(BaseSettings):
 
     @property
     def autotune_enabled(self) -> bool:
-        """Calibrate the batch size at start: only with warm-up on, and only when neither
-        ``GPU_BATCH_SIZE`` nor ``GPU_MAX_BATCH_TOKENS`` was set explicitly (those force it)."""
-        forced = {"gpu_batch_size", "gpu_max_batch_tokens"} & self.model_fields_set
+        """Calibrate the batch at start: only with warm-up on, and only when ``GPU_BATCH_SIZE``
+        was not set explicitly (that forces it). ``GPU_MAX_BATCH_TOKENS`` is then a ceiling
+        on the budgets calibration tries."""
+        forced = "gpu_batch_size" in self.model_fields_set
         return self.gpu_autotune and self.gpu_enable_warmup and not forced
 
     def masked(self) -> dict[str, Any]:

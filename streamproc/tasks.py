@@ -114,7 +114,7 @@ def payload_text(payload: Any) -> str:
 
 
 def _summarizer(model_loader: Callable[..., Any], config: GPUConfig) -> BoundTask[Any, Any, str]:
-    from .engine import estimate_tokens, warmup_texts
+    from .engine import calibration_texts, estimate_tokens, warmup_texts
     from .settings import Settings
     from .summarizers import run_prepared
 
@@ -122,6 +122,9 @@ def _summarizer(model_loader: Callable[..., Any], config: GPUConfig) -> BoundTas
     if config.enable_warmup and not config.warmup_payloads:
         config = config.model_copy(
             update={"warmup_payloads": warmup_texts(max_tokens, config.batch_size)})
+    if config.autotune and not config.calibration_payloads:
+        config = config.model_copy(
+            update={"calibration_payloads": calibration_texts(max_tokens)})
 
     def cost(payload: Any) -> int:
         try:

@@ -97,7 +97,7 @@ class GPUWorker(Generic[M, P, R]):
                 raise WorkerClosed("a stopped GPUWorker cannot be restarted")
             try:
                 layout = await build_layout(self._loader, self.config, self._direct,
-                                            self.replicas)
+                                            self.replicas, self._cost)
                 self.config, self.plan, self.autotune = layout
             except BaseException:
                 self._close_replicas()
@@ -105,8 +105,8 @@ class GPUWorker(Generic[M, P, R]):
             cfg = self.config
             cost_fn = None if self._cost is None else self._request_cost
             window = cfg.length_sort_window
-            if window is None:
-                window = 4 * cfg.batch_size if self._cost is not None else 0
+            if window is None:  # the whole queue: length selection works at any batch size
+                window = cfg.queue_size if self._cost is not None else 0
             # GPU_BATCH_SIZE (and the token budget) is per replica: a batch holds one chunk
             # of that size for each replica, as in the spec's "batch 48 each".
             per_batch = max(1, len(self.replicas))

@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 from streamproc.devtools import build_tiny_model, main
-from streamproc.errors import InferenceFailed, ModelLoadError
-from streamproc.seq2seq import device_out_of_memory
+from streamproc.errors import InferenceFailed, ModelLoadError, OutOfMemory
 from streamproc.settings import Settings
 from streamproc.summarizers import (
     ExtractiveSummarizer,
@@ -120,11 +119,13 @@ def test_the_tokenizer_pads_to_repeating_shapes(tiny_model_dir: Path) -> None:
 
 
 def test_allocation_failures_count_as_out_of_memory() -> None:
-    assert device_out_of_memory(RuntimeError("CUDA failed with error out of memory"))
-    assert device_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when "
-                                             "calling `cublasCreate(handle)`"))
-    assert not device_out_of_memory(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"))
-    assert not device_out_of_memory(ValueError("bad input"))
+    assert OutOfMemory.describes(RuntimeError("CUDA failed with error out of memory"))
+    assert OutOfMemory.describes(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when "
+                                              "calling `cublasCreate(handle)`"))
+    assert OutOfMemory.describes(type("OutOfMemoryError", (RuntimeError,), {})("CUDA"))
+    assert OutOfMemory.describes(OutOfMemory("ours"))
+    assert not OutOfMemory.describes(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"))
+    assert not OutOfMemory.describes(ValueError("bad input"))
 
 
 def test_static_cache_falls_back_only_on_set_up_errors_before_it_worked(
