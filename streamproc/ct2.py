@@ -6,6 +6,14 @@ cap and the ``GEN_*`` settings are the transformers backend's (:mod:`streamproc.
 :func:`decode_options` maps the resolved generation config onto ``translate_batch``'s options
 so that both backends decode the same way (greedy fp32 output is token-identical).
 
+**Replicas.** A ``ctranslate2.Translator`` runs up to ``inter_threads`` batches at once, one
+per worker, and its workers on one device share one copy of the weights (each on its own
+CUDA stream); ``translate_batch`` releases the GIL while it runs. :class:`SharedTranslators`
+gives every replica on a device the same translator, with as many workers as the settings
+allow replicas (:func:`streamproc.planner.replica_cap`), so N replicas are N concurrent
+batches on one model. Calibration then keeps the extra replicas only if they measure faster
+(:mod:`streamproc.autotune`). On the CPU the workers split the cores between them.
+
 On CUDA the PyPI wheel loads cuBLAS 12 at run time, whatever CUDA torch is built for:
 :func:`preload_cublas` loads the one from the ``nvidia-cublas-cu12`` package (the ``gpu``
 extra) before ctranslate2 is imported.
@@ -17,6 +25,7 @@ import ctypes
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +37,8 @@ from .errors import ConfigError, OutOfMemory
 from .seq2seq import SortedRows, SourceTokenizer, resolved_generation
 
 __all__ = [
-    "CT2Summarizer", "DecodeOptions", "chosen_backend", "compute_type_for", "decode_options",
-    "preload_cublas",
+    "CT2Summarizer", "DecodeOptions", "SharedTranslators", "chosen_backend", "compute_type_for",
+    "decode_options", "preload_cublas",
 ]
 
 log = logging.getLogger("streamproc.ct2")
@@ -133,6 +142,41 @@ def decode_options(config: Any, tokenizer: Any) -> DecodeOptions:
     )
 
 
+class SharedTranslators:
+    """One translator per (model, device, compute type), shared by that device's replicas,
+    with ``workers`` workers (``inter_threads``). Owned by one worker's loader; thread-safe,
+    since each replica loads on its own thread."""
+
+    def __init__(self, workers: int = 1, intra_threads: int | None = None) -> None:
+        self.workers = max(1, workers)
+        self.intra_threads = intra_threads
+        self._translators: dict[tuple[str, str, str], Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model_dir: Path, device: str, compute_type: str) -> Any:
+        key = (str(model_dir), device, compute_type)
+        with self._lock:
+            translator = self._translators.get(key)
+            if translator is None:
+                translator = self._translators[key] = self._new(model_dir, device, compute_type)
+            return translator
+
+    def _new(self, model_dir: Path, device: str, compute_type: str) -> Any:
+        import ctranslate2
+
+        on_cuda = device.startswith("cuda")
+        index = int(device.partition(":")[2] or 0) if on_cuda else 0
+        threads = self.intra_threads
+        if threads is None:  # the CPU's threads, split between the workers
+            threads = 1 if on_cuda else max(1, _cpu_threads() // self.workers)
+        log.info("ctranslate2 translator on %s: %d worker(s), %d thread(s) each, %s", device,
+                 self.workers, threads, compute_type)
+        return ctranslate2.Translator(
+            str(model_dir), device="cuda" if on_cuda else "cpu", device_index=index,
+            compute_type=compute_type, inter_threads=self.workers, intra_threads=threads,
+        )
+
+
 @dataclass(slots=True)
 class TokenBatch:
     """A length-sorted batch as token strings, ctranslate2's input."""
@@ -149,7 +193,10 @@ class CT2Summarizer:
         compute_type: str = "auto", use_fp16: bool = False,
         generation: Mapping[str, Any] | None = None, cache_dir: str | Path | None = None,
         max_batch_tokens: int | None = None, intra_threads: int | None = None,
+        translators: SharedTranslators | None = None,
     ) -> None:
+        """``translators``: the device's shared translator (replicas); without it, a
+        translator of its own with one worker."""
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         def load(source: str, local_only: bool) -> tuple[Any, Any, Any]:
@@ -181,15 +228,10 @@ class CT2Summarizer:
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.model_dir, self.converted = converted_model(source, self.compute_type, cache)
         self.max_batch_tokens = max_batch_tokens
-
-        import ctranslate2
-
-        index = int(device.partition(":")[2] or 0) if on_cuda else 0
-        threads = intra_threads if intra_threads is not None else _cpu_threads(on_cuda)
-        self.translator = ctranslate2.Translator(
-            str(self.model_dir), device="cuda" if on_cuda else "cpu", device_index=index,
-            compute_type=self.compute_type, inter_threads=1, intra_threads=threads,
-        )
+        pool = translators or SharedTranslators(1, intra_threads)
+        self.workers = pool.workers
+        self.shares_weights = pool.workers > 1  # the planner's view of a replica past the first
+        self.translator = pool.get(self.model_dir, device, self.compute_type)
 
     def token_length(self, text: str) -> int:
         """Tokens the encoder will see (special tokens included, truncated to the input cap)."""
@@ -224,11 +266,14 @@ class CT2Summarizer:
         """Summaries in input order; empty or whitespace-only texts give ``""``."""
         return self.run(self.prepare(texts))
 
+    def describe(self) -> dict[str, Any]:
+        """What really runs, for the worker's metrics."""
+        return {"backend": "ctranslate2", "compute_type": self.compute_type,
+                "translator_workers": self.workers}
 
-def _cpu_threads(on_cuda: bool) -> int:
-    """The CPU threads ctranslate2 may use per batch: torch's count, as the other backend."""
-    if on_cuda:
-        return 1
+
+def _cpu_threads() -> int:
+    """The CPU threads ctranslate2 may use: torch's count, as the other backend."""
     import torch
 
     return max(1, torch.get_num_threads() or (os.cpu_count() or 1))

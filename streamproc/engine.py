@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 from importlib import resources
 
+from .ct2 import SharedTranslators
 from .messages import FeedItem, decode_feed_item
+from .planner import replica_cap
 from .settings import GPUConfig, Settings
 from .summarizers import Summarizer, load_summarizer, prepare_batch, run_prepared
 from .worker import GPUWorker
@@ -55,8 +57,11 @@ def build_worker(settings: Settings) -> SummaryWorker:
         settings,
         warmup_payloads=warmup_texts(settings.max_input_tokens, settings.gpu_batch_size),
         calibration_payloads=calibration_texts(settings.max_input_tokens))
+    # The CTranslate2 backend's replicas on a device share one translator, with a worker
+    # for each replica the settings allow there.
+    translators = SharedTranslators(replica_cap(config)[0])
     return GPUWorker(
-        functools.partial(load_summarizer, settings),
+        functools.partial(load_summarizer, settings, translators=translators),
         config,
         run_prepared,
         prepare=prepare_batch,

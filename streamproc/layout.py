@@ -4,8 +4,9 @@ For each device: load the first replica and measure its footprint (free memory b
 after); run its warm-up batch (maximum-length inputs: the worst case) and measure the memory
 it reserves; on the first device, calibrate the batch size and token budget on mixed lengths
 (:mod:`streamproc.autotune`); plan the device with the measured numbers
-(:func:`streamproc.planner.plan_device`); load the remaining replicas; and keep them only if
-they earn their place.
+(:func:`streamproc.planner.plan_device`; a model whose ``shares_weights`` is true, as the
+CTranslate2 backend's with several workers, is planned as one copy of the weights); load the
+remaining replicas; and keep them only if they earn their place.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ async def _load_device(
     model_gb = None
     if before.free_gb is not None and after_load.free_gb is not None:
         model_gb = max(before.free_gb - after_load.free_gb, 0.01)
-    plan = plan_device(before, cfg, model_gb=model_gb, activation_gb=activation_gb)
+    plan = plan_device(before, cfg, model_gb=model_gb, activation_gb=activation_gb,
+                       shared_weights=bool(getattr(first.model, "shares_weights", False)))
     if plan.warning:
         log.warning(plan.warning)
     on_device = [first]

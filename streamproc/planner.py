@@ -13,6 +13,10 @@ Reading of the settings, from widest to narrowest:
   of 1 is deliberate: replicas in threads of one process share the GIL, and measured slower
   than one replica with a larger batch. Raise it only when a benchmark says so.
 
+The caps alone are :func:`replica_cap`: the CTranslate2 backend sizes its translator's worker
+pool with it before the first replica loads. Its workers on one device share the weights,
+so with ``shared_weights`` a replica past the first costs only its activations.
+
 Free memory is ``torch.cuda.mem_get_info``: the driver's view, which includes every other
 process on the card, not just this one's allocations.
 """
@@ -26,7 +30,8 @@ from typing import Any, Literal
 
 from .settings import GPUConfig
 
-__all__ = ["DeviceMemory", "DevicePlan", "plan_device", "probe_memory", "resolve_devices"]
+__all__ = ["DeviceMemory", "DevicePlan", "plan_device", "probe_memory", "replica_cap",
+           "resolve_devices"]
 
 GIB = 1024**3
 log = logging.getLogger("streamproc.planner")
@@ -71,16 +76,33 @@ class DevicePlan:
         )
 
 
+def replica_cap(config: GPUConfig) -> tuple[int, str]:
+    """The most replicas the settings allow on one device, whatever its memory, and the
+    setting that says so."""
+    caps: list[tuple[int, str]] = []
+    if not config.enable_multi_model_instances:
+        caps.append((1, "multi_instance_disabled"))
+    if config.max_model_instances is not None:
+        caps.append((config.max_model_instances, "GPU_MAX_MODEL_INSTANCES"))
+    caps.append((config.pool_max_instances, "MODEL_POOL_MAX_INSTANCES")
+                if config.pool_enabled else (1, "MODEL_POOL_ENABLED"))
+    cap, name = min(caps, key=lambda c: c[0])  # the first of equal caps names it
+    return cap, name
+
+
 def plan_device(
     memory: DeviceMemory,
     config: GPUConfig,
     *,
     model_gb: float | None = None,
     activation_gb: float = 0.0,
+    shared_weights: bool = False,
 ) -> DevicePlan:
     """Replicas for one device. ``model_gb`` defaults to ``GPU_ESTIMATED_MODEL_SIZE_GB``;
     after the first replica is loaded the worker passes its measured footprint and the
-    warm-up batch's peak activations instead."""
+    warm-up batch's peak activations instead. With ``shared_weights`` (CTranslate2's workers
+    on one device hold one copy of the model), a replica past the first costs only its
+    activations."""
     size = config.estimated_model_size_gb if model_gb is None else model_gb
     per_replica = max(size + activation_gb, 1e-6)
     warning: str | None = None
@@ -90,7 +112,11 @@ def plan_device(
         memory_allows, replicas, limited_by = None, 10**6, "cpu"
     else:
         usable = memory.free_gb - config.model_memory_buffer_gb
-        memory_allows = max(1, math.floor(usable / per_replica + 1e-9))
+        if shared_weights:
+            extra = max(activation_gb, 1e-6)
+            memory_allows = max(1, 1 + math.floor((usable - per_replica) / extra + 1e-9))
+        else:
+            memory_allows = max(1, math.floor(usable / per_replica + 1e-9))
         replicas, limited_by = memory_allows, "memory"
         if usable < per_replica:
             warning = (
@@ -98,16 +124,9 @@ def plan_device(
                 f"{per_replica:.2f} GiB replica after the {config.model_memory_buffer_gb:.1f} GiB "
                 "buffer; planning 1 replica, which may run out of memory"
             )
-    caps: list[tuple[int, Any]] = []
-    if not config.enable_multi_model_instances:
-        caps.append((1, "multi_instance_disabled"))
-    if config.max_model_instances is not None:
-        caps.append((config.max_model_instances, "GPU_MAX_MODEL_INSTANCES"))
-    caps.append((config.pool_max_instances, "MODEL_POOL_MAX_INSTANCES")
-                if config.pool_enabled else (1, "MODEL_POOL_ENABLED"))
-    for cap, name in caps:
-        if cap < replicas:
-            replicas, limited_by = cap, name
+    cap, name = replica_cap(config)
+    if cap < replicas:
+        replicas, limited_by = cap, name
     return DevicePlan(
         device=memory.device, replicas=max(1, replicas), memory_allows=memory_allows,
         limited_by=limited_by, total_gb=memory.total_gb, free_gb=memory.free_gb, model_gb=size,

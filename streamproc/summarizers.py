@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from .checkpoints import load_pretrained, torch_dtype
-from .ct2 import CT2Summarizer, chosen_backend
+from .ct2 import CT2Summarizer, SharedTranslators, chosen_backend
 from .errors import InferenceFailed
 from .sentences import first_sentence, split_sentences
 from .seq2seq import MAX_CHARS_PER_TOKEN as _CHARS_PER_TOKEN
@@ -203,8 +203,10 @@ class IdentitySummarizer(_Unprepared):
         return len(text.split())
 
 
-def load_summarizer(settings: Settings, device: str) -> Summarizer:
-    """Load the summarizer ``SUMMARIZER`` names onto ``device`` ("cpu" or "cuda:N")."""
+def load_summarizer(settings: Settings, device: str, *,
+                    translators: SharedTranslators | None = None) -> Summarizer:
+    """Load the summarizer ``SUMMARIZER`` names onto ``device`` ("cpu" or "cuda:N").
+    ``translators``: the CTranslate2 translators the worker's replicas share."""
     name = settings.resolved_model_name
     if settings.summarizer == "identity":
         return IdentitySummarizer(device)
@@ -218,7 +220,7 @@ def load_summarizer(settings: Settings, device: str) -> Summarizer:
             name, device, max_input_tokens=settings.max_input_tokens,
             compute_type=settings.ct2_compute_type, use_fp16=settings.gpu_use_fp16,
             generation=generation_overrides(settings), cache_dir=settings.ct2_cache_dir,
-            max_batch_tokens=settings.gpu_max_batch_tokens,
+            max_batch_tokens=settings.gpu_max_batch_tokens, translators=translators,
         )
     return Seq2SeqSummarizer.load(
         name, device, max_input_tokens=settings.max_input_tokens,

@@ -187,6 +187,34 @@ def test_int8_summarizes_every_text_with_a_token_budget(
     assert model.token_length(TEXTS[-1]) == 128  # the same input cap as the other backend
 
 
+# --- replicas: one translator per device, a worker per replica ---------------------------------
+
+
+async def test_replicas_on_a_device_share_one_translator_with_a_worker_each(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from streamproc.engine import build_worker
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, summarizer="seq2seq", model_name=str(tiny_model_dir),
+        seq2seq_backend="ctranslate2", ct2_cache_dir=str(tmp_path), max_input_tokens=128,
+        gpu_device_ids="cpu", model_pool_max_instances=2, gpu_autotune=False,
+    )
+    async with build_worker(settings) as worker:
+        first, second = worker.models
+        assert first.translator is second.translator  # one copy of the weights
+        assert first.translator.num_translators == 2 and first.shares_weights
+        assert worker.get_metrics()["replicas"][1]["engine"] == {
+            "backend": "ctranslate2", "compute_type": "int8", "translator_workers": 2}
+        results = await worker.infer_many(TEXTS)
+    assert results == load(tiny_model_dir, tmp_path, "ctranslate2").summarize(TEXTS)
+
+
+def test_one_replica_keeps_a_translator_of_its_own(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = load(tiny_model_dir, tmp_path, "ctranslate2")
+    assert model.translator.num_translators == 1 and not model.shares_weights
+
+
 # --- through the real pipeline -------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamproc.planner import DeviceMemory, plan_device
+from streamproc.planner import DeviceMemory, plan_device, replica_cap
 from streamproc.settings import GPUConfig
 
 
@@ -71,3 +71,19 @@ def test_cpu_has_no_vram_and_follows_the_pool_cap() -> None:
     plan = plan_device(DeviceMemory("cpu", None, None), config(pool_max_instances=2))
     assert (plan.replicas, plan.memory_allows) == (2, None)
     assert "no VRAM" in plan.describe()
+
+
+def test_shared_weights_count_the_model_once() -> None:
+    memory = DeviceMemory("cuda:0", 80, 80)
+    separate = plan_device(memory, config(), model_gb=3.0, activation_gb=1.0)
+    shared = plan_device(memory, config(), model_gb=3.0, activation_gb=1.0, shared_weights=True)
+    assert separate.memory_allows == 19  # (80 - 2) // (3 + 1)
+    assert shared.memory_allows == 75  # 1 + (78 - 4) // 1: one model, then activations only
+
+
+def test_replica_cap_is_the_tightest_setting() -> None:
+    assert replica_cap(GPUConfig()) == (1, "MODEL_POOL_MAX_INSTANCES")
+    assert replica_cap(config(max_model_instances=4)) == (4, "GPU_MAX_MODEL_INSTANCES")
+    assert replica_cap(config(enable_multi_model_instances=False)) == (
+        1, "multi_instance_disabled")
+    assert replica_cap(config(pool_enabled=False)) == (1, "MODEL_POOL_ENABLED")
