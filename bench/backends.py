@@ -3,7 +3,7 @@
     .venv/bin/python bench/backends.py [--shape bart-large-cnn|tiny] [--device auto|cpu|cuda]
         [--gen greedy,checkpoint] [--lengths fixed,mixed] [--batch 8[,16...]] [--items N]
         [--source-tokens 256] [--new-tokens 32] [--compute-types int8,float32]
-        [--rounds 3] [--ct2-cache DIR] [--json OUT]
+        [--rounds 3] [--ct2-cache DIR] [--workers 1,2] [--json OUT]
 
 The model is :func:`bench.engine.build_checkpoint`'s (bart-large-cnn's shape with random
 weights, or the tiny checkpoint); every summary is exactly ``--new-tokens`` new tokens and the
@@ -17,6 +17,8 @@ lengths drawn uniformly from 64 to ``--source-tokens`` (seeded).
 Rounds are paired: each round runs every backend once, in a rotated order, and the ratio of
 each ctranslate2 run to the transformers run of the same round is kept, so load drifts on a
 shared machine hit both sides of a ratio alike; the median of the paired ratios is the figure.
+``--workers``: ctranslate2 replicas as the worker runs them (:func:`run_workers`), per compute
+type, against one worker in the same rounds.
 Agreement: the first round's summaries of each ctranslate2 compute type against transformers
 (and int8 against float32): the share of identical summaries and of identical tokens at the
 same position. The JSON is rewritten after every section, so a time-out keeps what ran.
@@ -35,6 +37,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,7 @@ from bench.engine import (
     make_texts,
     resolve_device,
 )
+from streamproc.ct2 import SharedTranslators
 from streamproc.settings import Settings
 from streamproc.summarizers import load_summarizer
 
@@ -87,6 +91,18 @@ def _timed(model: Any, texts: list[str], batch: int, device: str) -> tuple[float
     return time.perf_counter() - started, out
 
 
+def variant_settings(checkpoint: Path, variant: str, gen: str, device: str, max_tokens: int,
+                     ct2_cache: Path) -> Settings:
+    """The settings a variant (``transformers`` or ``ctranslate2-<compute type>``) loads with."""
+    backend, _, compute = variant.partition("-")
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None, summarizer="seq2seq", model_name=str(checkpoint),
+        max_input_tokens=max_tokens, gpu_use_fp16=device == "cuda",
+        seq2seq_backend="transformers" if backend == HF else "ctranslate2",
+        ct2_compute_type=compute or "auto", ct2_cache_dir=str(ct2_cache), **GENERATION[gen],
+    )
+
+
 def load_variants(checkpoint: Path, variants: list[str], gen: str, device: str,
                   max_tokens: int, ct2_cache: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every variant loaded for one generation setting, and what really loaded: the class
@@ -94,14 +110,7 @@ def load_variants(checkpoint: Path, variants: list[str], gen: str, device: str,
     models: dict[str, Any] = {}
     ran: dict[str, Any] = {}
     for variant in variants:
-        backend, _, compute = variant.partition("-")
-        settings = Settings(  # type: ignore[call-arg]
-            _env_file=None, summarizer="seq2seq", model_name=str(checkpoint),
-            max_input_tokens=max_tokens, gpu_use_fp16=device == "cuda",
-            seq2seq_backend="transformers" if backend == HF else "ctranslate2",
-            ct2_compute_type=compute or "auto", ct2_cache_dir=str(ct2_cache),
-            **GENERATION[gen],
-        )
+        settings = variant_settings(checkpoint, variant, gen, device, max_tokens, ct2_cache)
         began = time.perf_counter()
         model = load_summarizer(settings, "cuda:0" if device == "cuda" else "cpu")
         ran[variant] = {"class": type(model).__name__, "device": model.device,
@@ -140,6 +149,55 @@ def run_section(models: dict[str, Any], tokenizer: Any, texts: list[str], batch:
     return section
 
 
+def run_workers(settings: Settings, counts: list[int], texts: list[str], batch: int,
+                rounds: int, device: str) -> dict[str, Any]:
+    """CTranslate2 replicas as the worker runs them: for each count ``w``, ``w`` replicas
+    sharing one translator with ``w`` workers (on the CPU, the cores split between them),
+    each replica's thread submitting its share of the batches at once. Paired rounds; the
+    ratio of each count to one worker in the same round."""
+    import torch
+
+    target = "cuda:0" if device == "cuda" else "cpu"
+    pools: dict[int, list[Any]] = {}
+    for count in counts:
+        translators = SharedTranslators(count)
+        pools[count] = [load_summarizer(settings, target, translators=translators)
+                        for _ in range(count)]
+        pools[count][0].summarize(texts[:2])  # load the code paths
+    batches = [texts[i:i + batch] for i in range(0, len(texts), batch)]
+
+    def timed(models: list[Any]) -> float:
+        def share(k: int) -> None:
+            for chunk in batches[k::len(models)]:
+                models[k].summarize(chunk)
+
+        with ThreadPoolExecutor(len(models)) as pool:
+            started = time.perf_counter()
+            list(pool.map(share, range(len(models))))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - started
+
+    seconds: dict[int, list[float]] = {c: [] for c in counts}
+    for round_index in range(rounds):
+        shift = round_index % len(counts)
+        for count in counts[shift:] + counts[:shift]:
+            seconds[count].append(timed(pools[count]))
+    n = len(texts)
+    first = counts[0]
+    return {
+        "batch": batch, "items": n,
+        "translator_workers": {c: pools[c][0].translator.num_translators for c in counts},
+        "threads_per_worker": {
+            c: 1 if device == "cuda" else max(1, torch.get_num_threads() // c) for c in counts},
+        "items_per_second": {c: n / statistics.median(s) for c, s in seconds.items()},
+        "rounds_items_per_second": {c: [n / x for x in s] for c, s in seconds.items()},
+        f"paired_ratio_vs_{first}_worker": {
+            c: statistics.median(a / b for a, b in zip(seconds[first], seconds[c], strict=True))
+            for c in counts},
+    }
+
+
 def _describe(name: str, section: dict[str, Any]) -> str:
     rates = ", ".join(f"{v} {r:.2f}" for v, r in section["items_per_second"].items())
     ratios = ", ".join(f"{v} {r:.2f}x"
@@ -170,8 +228,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ct2-cache", type=Path, default=None,
                         help="CT2_CACHE_DIR (default: in the run's temporary directory)")
+    parser.add_argument("--workers", default=None,
+                        help="also measure ctranslate2 replicas: worker counts, comma-separated "
+                             "(e.g. 1,2), at each batch size, per compute type")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
+    args.workers = [int(w) for w in args.workers.split(",")] if args.workers else []
     args.gen = args.gen.split(",")
     args.lengths = args.lengths.split(",")
     args.batch = [int(b) for b in args.batch.split(",")]
@@ -249,6 +311,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                         report["sections"][name] = section
                         print(_describe(name, section), flush=True)
                     save()
+                    for variant in (v for v in variants if v != HF and args.workers):
+                        key = f"{name}/{variant}/workers"
+                        try:
+                            found = run_workers(variant_settings(
+                                checkpoint, variant, gen, device, args.source_tokens,
+                                args.ct2_cache or Path(tmp) / "ct2"), args.workers, texts, batch,
+                                args.rounds, device)
+                        except Exception as exc:
+                            report["sections"][key] = {
+                                "error": f"{type(exc).__name__}: {exc}",
+                                "traceback": traceback.format_exc()[-2000:]}
+                            print(f"[{key}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+                        else:
+                            report["sections"][key] = found
+                            print(f"[{key}] items/s by workers: " + ", ".join(
+                                f"{c}: {r:.2f}" for c, r in found["items_per_second"].items())
+                                + "; paired ratio vs 1: " + ", ".join(
+                                f"{c}: {r:.2f}x" for c, r in
+                                found[f"paired_ratio_vs_{args.workers[0]}_worker"].items()),
+                                flush=True)
+                        save()
             del models
     report["total_s"] = time.perf_counter() - began
     report["load_end"] = load_average()
