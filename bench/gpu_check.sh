@@ -15,7 +15,8 @@
 #   probe            torch CUDA, cuBLAS 12 for ctranslate2 (nvidia-cublas-cu12 or the system's),
 #                    ctranslate2's CUDA devices and compute types, one CUDA translate
 #   tiny             both backends on the device, tiny checkpoint: agreement and what ran
-#   model-greedy     bart-large-cnn shape, fp16, greedy, summarize() at batch 256 and 512
+#   model-greedy     bart-large-cnn shape, fp16, greedy, summarize() at batch 256 and 512;
+#                    then ctranslate2 with 1, 2 and 4 workers sharing one translator
 #   model-beam       the same, beam 4 / no-repeat 3 / length penalty 2, batch 128
 #   worker-*-greedy  through GPUWorker (bench/engine.py): layout a (replicas as the plan
 #                    allows, at most 8) and b (one replica), batch 256, per backend
@@ -40,11 +41,11 @@ CACHE=$(mktemp -d /tmp/gpu-check-ct2.XXXXXX)  # conversions shared by the sectio
 if [[ "$DEVICE" == cuda ]]; then
   SHAPE=bart-large-cnn SRC=512 NEW=64
   G_BATCHES=256,512 G_ITEMS=1024 B_BATCH=128 B_ITEMS=256
-  W_BATCH=256 W_ITEMS=2048 WB_ITEMS=512 TYPES=float16 TINY_TYPES=float32,float16
+  W_BATCH=256 W_ITEMS=2048 WB_ITEMS=512 TYPES=float16 TINY_TYPES=float32,float16 WORKERS=1,2,4
 else
   SHAPE=tiny SRC=64 NEW=8
   G_BATCHES=8,16 G_ITEMS=32 B_BATCH=8 B_ITEMS=16
-  W_BATCH=8 W_ITEMS=32 WB_ITEMS=16 TYPES=int8 TINY_TYPES=float32,int8
+  W_BATCH=8 W_ITEMS=32 WB_ITEMS=16 TYPES=int8 TINY_TYPES=float32,int8 WORKERS=1,2
 fi
 
 record() {  # record NAME RC SECONDS LIMIT: merge one section's outcome into gpu-check.json
@@ -161,9 +162,9 @@ PY
 BACKENDS=("$PY" bench/backends.py --device "$DEVICE" --ct2-cache "$CACHE" --rounds 1)
 section tiny 60 "${BACKENDS[@]}" --shape tiny --gen greedy,checkpoint --lengths fixed \
   --batch 8 --items 16 --compute-types "$TINY_TYPES" --json "$OUT/tiny.json"
-section model-greedy 120 "${BACKENDS[@]}" --shape "$SHAPE" --gen greedy --lengths fixed \
+section model-greedy 150 "${BACKENDS[@]}" --shape "$SHAPE" --gen greedy --lengths fixed \
   --batch "$G_BATCHES" --items "$G_ITEMS" --source-tokens "$SRC" --new-tokens "$NEW" \
-  --compute-types "$TYPES" --json "$OUT/model-greedy.json"
+  --compute-types "$TYPES" --workers "$WORKERS" --json "$OUT/model-greedy.json"
 section model-beam 60 "${BACKENDS[@]}" --shape "$SHAPE" --gen checkpoint --lengths fixed \
   --batch "$B_BATCH" --items "$B_ITEMS" --source-tokens "$SRC" --new-tokens "$NEW" \
   --compute-types "$TYPES" --json "$OUT/model-beam.json"

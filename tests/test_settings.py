@@ -169,3 +169,10 @@ def test_gpu_config_takes_the_spec_names() -> None:
         GPUConfig(device_id=-1)
     with pytest.raises(ConfigError, match="batchsize"):
         GPUConfig(batchsize=8)
+
+
+def test_calibration_is_forced_off_by_a_batch_size_and_not_by_a_token_ceiling() -> None:
+    assert Settings(_env_file=None).autotune_enabled  # type: ignore[call-arg]
+    assert not Settings(_env_file=None, gpu_batch_size=32).autotune_enabled  # type: ignore[call-arg]
+    assert Settings(_env_file=None, gpu_max_batch_tokens=4096).autotune_enabled  # type: ignore[call-arg]
+    assert not Settings(_env_file=None, gpu_enable_warmup=False).autotune_enabled  # type: ignore[call-arg]

@@ -244,12 +244,37 @@ async def test_on_the_cpu_a_fast_model_is_calibrated_and_a_slow_one_is_not() -> 
         threading.Event().wait(1.0 if payloads == ["w", "w"] else 0)  # 2 warm-up items: 1 s
         return echo_task(model, payloads)
 
-    # Batch 16 at the warm-up's 0.5 s an item, twice: about 16 s, past the CPU's 15 s.
+    # Batch 16 (32 samples) at the warm-up's 0.5 s an item, twice: about 32 s, past 15 s.
     slow_config = cpu_config(**{**warm, "autotune_candidates": (16, 32)})
     async with GPUWorker(Loader(), slow_config, slow_warmup) as slow:
         assert slow.autotune is not None and slow.autotune.batch_size is None
         assert slow.config.batch_size == 8  # GPU_BATCH_SIZE kept
         assert "budget" in slow.autotune.stopped_because
+
+
+async def test_with_a_cost_calibration_picks_a_token_budget_on_mixed_lengths() -> None:
+    def padded(model: EchoModel, payloads: list[str]) -> list[str]:
+        threading.Event().wait(0.002 + 0.00002 * len(payloads) * max(map(len, payloads)))
+        return echo_task(model, payloads)
+
+    mixed = tuple("w" * n for n in (40, 5, 20, 10, 35, 15, 25, 30))
+    config = cpu_config(enable_warmup=True, autotune=True, warmup_payloads=("w" * 40,) * 8,
+                        calibration_payloads=mixed, pool_max_instances=1,
+                        autotune_candidates=(4, 8, 16))
+    async with GPUWorker(Loader(), config, padded, cost=len) as worker:
+        tune = worker.autotune
+        assert tune is not None and tune.batch_size is not None
+        assert tune.token_budget == {4: 160, 8: 320, 16: 640}  # n x the longest sample
+        # The budget decides the padded size; the item cap is the largest candidate.
+        assert worker.config.max_batch_tokens == tune.token_budget[tune.batch_size]
+        assert worker.config.batch_size == 16
+        assert worker.get_metrics()["autotune"]["max_batch_tokens"] == tune.max_batch_tokens
+        assert worker.sort_window == worker.config.queue_size  # the whole queue, by default
+        assert await worker.infer_many(["ab", "c"]) == ["AB@0", "C@0"]
+    ceiling = config.model_copy(update={"max_batch_tokens": 200})
+    async with GPUWorker(Loader(), ceiling, padded, cost=len) as capped:
+        assert capped.autotune is not None and capped.config.max_batch_tokens is not None
+        assert capped.config.max_batch_tokens <= 200  # a budget set by hand is a ceiling
 
 
 def poison_task(model: EchoModel, payloads: list[str]) -> list[str]:
