@@ -159,10 +159,12 @@ def run_workers(settings: Settings, counts: list[int], texts: list[str], batch: 
 
     target = "cuda:0" if device == "cuda" else "cpu"
     pools: dict[int, list[Any]] = {}
+    threads: dict[int, int] = {}
     for count in counts:
         translators = SharedTranslators(count)
         pools[count] = [load_summarizer(settings, target, translators=translators)
                         for _ in range(count)]
+        threads[count] = translators.threads_for(target)
         pools[count][0].summarize(texts[:2])  # load the code paths
     batches = [texts[i:i + batch] for i in range(0, len(texts), batch)]
 
@@ -188,8 +190,7 @@ def run_workers(settings: Settings, counts: list[int], texts: list[str], batch: 
     return {
         "batch": batch, "items": n,
         "translator_workers": {c: pools[c][0].translator.num_translators for c in counts},
-        "threads_per_worker": {
-            c: 1 if device == "cuda" else max(1, torch.get_num_threads() // c) for c in counts},
+        "threads_per_worker": threads,
         "items_per_second": {c: n / statistics.median(s) for c, s in seconds.items()},
         "rounds_items_per_second": {c: [n / x for x in s] for c, s in seconds.items()},
         f"paired_ratio_vs_{first}_worker": {
@@ -327,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             report["sections"][key] = found
                             print(f"[{key}] items/s by workers: " + ", ".join(
                                 f"{c}: {r:.2f}" for c, r in found["items_per_second"].items())
-                                + "; paired ratio vs 1: " + ", ".join(
+                                + f"; paired ratio vs {args.workers[0]}: " + ", ".join(
                                 f"{c}: {r:.2f}x" for c, r in
                                 found[f"paired_ratio_vs_{args.workers[0]}_worker"].items()),
                                 flush=True)

@@ -8,12 +8,14 @@ layouts on its first replica and keeps the fastest. It measures the workload it 
 2. **Padded-token budgets.** With a cost function (tokens), a candidate of ``n`` items is the
    budget ``n x the longest sample`` padded tokens. The samples are grouped the way the
    batcher groups a backlog: by length, each batch within the budget, so short texts ride in
-   larger batches (:func:`group_by_budget`), up to the largest candidate in items. Without a
-   cost, a candidate is a plain item count.
+   larger batches (:func:`group_by_budget`). Without a cost, a candidate is a plain item
+   count.
 3. **A ceiling stays a ceiling.** A ``GPU_MAX_BATCH_TOKENS`` set by hand caps the candidate
-   budgets; calibration still runs below it.
+   budgets: they grow up to it, and the first to reach it is the last.
 4. **Each candidate** runs ``2 x n`` samples, twice; the faster run counts (the first run of
-   a new shape pays for allocator growth and kernel selection).
+   a new shape pays for allocator growth and kernel selection). The first run also measures
+   the memory the candidate needs, from an emptied cache. The winner's largest batch, in
+   items, becomes the item cap: no batch holds more items than calibration ran.
 
 Growth stops once a candidate runs out of memory, falls below 90% of the best so far, or
 would not finish within the time budget: each candidate's time is predicted from the last
@@ -33,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -97,15 +99,15 @@ def group_by_budget(costs: Sequence[int], budget: int, max_items: int) -> list[l
 
 
 def _timed_run(replica: Replica[M], direct: Direct[M], batches: list[list[Any]],
-               ) -> tuple[float, float]:
-    """Seconds and peak activation GiB of running ``batches`` in turn, on the replica's own
-    thread."""
-    with MemoryWatch(replica.device) as watch:
-        started = time.perf_counter()
-        for batch in batches:
-            direct(replica.model, batch)
-        watch.synchronize()
-        return time.perf_counter() - started, watch.peak_gb()
+               measure_memory: bool = False) -> tuple[float, float]:
+    """Seconds of running ``batches`` in turn on the replica's own thread, and (with
+    ``measure_memory``, which starts from an emptied cache) the peak memory in GiB."""
+    watch = MemoryWatch(replica.device).start() if measure_memory else MemoryWatch(replica.device)
+    started = time.perf_counter()
+    for batch in batches:
+        direct(replica.model, batch)
+    watch.synchronize()
+    return time.perf_counter() - started, watch.peak_gb() if measure_memory else 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +124,7 @@ def _candidates(samples: Sequence[Any], sizes: Sequence[int], cost: Callable[[An
     ceiling stop at it (one candidate at the ceiling)."""
     pool = list(samples)
     costs = [cost(s) for s in pool] if cost is not None else []
-    longest = max(costs, default=1)
+    longest = max(1, max(costs, default=1))
     max_items = max(sizes)
     found: list[_Candidate] = []
     for size in sizes:
@@ -162,9 +164,9 @@ async def tune_batch_size(replica: Replica[M], direct: Direct[M], samples: Seque
                 report.stopped_because = (f"batch {size} would take about {predicted:.1f} s, "
                                           f"past the {budget_s:.0f} s budget")
                 break
-        try:
+        try:  # the first run measures memory from an emptied cache; the second runs warm
             runs = [await loop.run_in_executor(replica.executor, _timed_run, replica, direct,
-                                               candidate.batches) for _ in range(2)]
+                                               candidate.batches, first) for first in (True, False)]
         except Exception as exc:
             if not OutOfMemory.describes(exc):
                 raise
@@ -194,7 +196,9 @@ async def tune_batch_size(replica: Replica[M], direct: Direct[M], samples: Seque
     chosen = max(report.items_per_second, key=lambda b: report.items_per_second[b])
     report.batch_size = chosen
     report.max_batch_tokens = measured[chosen].budget
-    report.max_items = max(sizes) if report.max_batch_tokens is not None else chosen
+    # No batch may hold more items than calibration ran: memory beyond the padded input
+    # (the decoder's caches) grows with the items.
+    report.max_items = max(len(b) for b in measured[chosen].batches)
     report.batches = measured[chosen].batches
     log.info("autotune: batch %d%s is fastest (%s; %s)", chosen,
              "" if report.max_batch_tokens is None
@@ -205,10 +209,13 @@ async def tune_batch_size(replica: Replica[M], direct: Direct[M], samples: Seque
 
 
 async def tune_replicas(replicas: Sequence[Replica[M]], direct: Direct[M],
-                        batches: list[list[Any]], report: TuneReport) -> int:
+                        batches: list[list[Any]], report: TuneReport,
+                        resize: Callable[[int], Awaitable[None]] | None = None) -> int:
     """How many of ``replicas`` (of one device) to keep: all of them only if, each running
     ``batches`` at the same time, they give ``REPLICA_GAIN_REQUIRED`` times the items per
-    second of the first one alone."""
+    second of the first one alone. ``resize(n)``, for replicas that share one engine (the
+    CTranslate2 backend's translator), sets it up for ``n`` replicas before each side is
+    measured, so the one alone has the whole device (on the CPU, every core)."""
     loop = asyncio.get_running_loop()
     items = sum(len(b) for b in batches)
 
@@ -218,7 +225,11 @@ async def tune_replicas(replicas: Sequence[Replica[M]], direct: Direct[M],
                                for r in group))
         return len(group) * items / (time.perf_counter() - started)
 
+    if resize is not None:
+        await resize(1)
     single = max([await together(replicas[:1]) for _ in range(2)])
+    if resize is not None:
+        await resize(len(replicas))
     combined = max([await together(replicas) for _ in range(2)])
     report.replicas_items_per_second = {1: single, len(replicas): combined}
     keep = len(replicas) if combined >= REPLICA_GAIN_REQUIRED * single else 1

@@ -5,9 +5,9 @@ Items wait in a bounded buffer. :meth:`MicroBatcher.next_batch` returns a batch 
 (monotonic clock), whichever comes first. An optional ``cost`` (for example tokens) and
 ``max_cost`` budget also close a batch when ``items x longest cost`` (the padded size) would
 exceed it; the item that would overflow opens the next one. With a ``sort_window`` and a
-backlog longer than one batch, the batch is chosen by length instead (see
-:meth:`_take_similar`). :meth:`put` and :meth:`put_many` wait while the buffer is full:
-nothing is dropped.
+backlog that one batch cannot hold (more than ``max_items``, or past ``max_cost`` padded),
+the batch is chosen by length instead (see :meth:`_take_similar`). :meth:`put` and
+:meth:`put_many` wait while the buffer is full: nothing is dropped.
 
 After :meth:`close`, ``put`` and ``put_many`` raise, and ``next_batch`` hands out what is left
 without waiting, then returns an empty list.
@@ -101,7 +101,7 @@ class MicroBatcher(Generic[T]):
                 return []
             self._not_empty.clear()
             await self._not_empty.wait()
-        if self._cost is not None and self._window and len(self._items) > self.max_items:
+        if self._cost is not None and self._window and self._backlog():
             return self._take_similar()
         deadline = self._items[0][0] + self.max_delay_s
         batch: list[T] = []
@@ -127,6 +127,14 @@ class MicroBatcher(Generic[T]):
             batch.append(item)
             self._not_full.set()
         return batch
+
+    def _backlog(self) -> bool:
+        """More is waiting than one batch can hold: in items, or in padded tokens."""
+        if len(self._items) > self.max_items:
+            return True
+        if self._max_cost is None or len(self._items) < 2:
+            return False
+        return not self._fits(len(self._items), max(cost for _, cost, _ in self._items))
 
     def _fits(self, count: int, longest: int) -> bool:
         """The padded size (items x longest) stays within the budget."""

@@ -144,36 +144,59 @@ def decode_options(config: Any, tokenizer: Any) -> DecodeOptions:
 
 class SharedTranslators:
     """One translator per (model, device, compute type), shared by that device's replicas,
-    with ``workers`` workers (``inter_threads``). Owned by one worker's loader; thread-safe,
-    since each replica loads on its own thread."""
+    with ``workers`` workers (``inter_threads``) until :meth:`resize` sets a device's count.
+    On the CPU the workers split the cores, unless ``intra_threads`` is given. Owned by one
+    worker's loader; thread-safe, since each replica loads on its own thread."""
 
     def __init__(self, workers: int = 1, intra_threads: int | None = None) -> None:
         self.workers = max(1, workers)
         self.intra_threads = intra_threads
         self._translators: dict[tuple[str, str, str], Any] = {}
+        self._sized: dict[str, int] = {}  # device -> workers, once resized
         self._lock = threading.Lock()
+
+    def workers_on(self, device: str) -> int:
+        return self._sized.get(device, self.workers)
+
+    def threads_for(self, device: str) -> int:
+        """Each worker's intra-op threads on ``device``."""
+        if self.intra_threads is not None:
+            return self.intra_threads
+        if device.startswith("cuda"):
+            return 1
+        return max(1, _cpu_threads() // self.workers_on(device))
 
     def get(self, model_dir: Path, device: str, compute_type: str) -> Any:
         key = (str(model_dir), device, compute_type)
         with self._lock:
             translator = self._translators.get(key)
             if translator is None:
-                translator = self._translators[key] = self._new(model_dir, device, compute_type)
+                translator = self._translators[key] = self._new(key)
             return translator
 
-    def _new(self, model_dir: Path, device: str, compute_type: str) -> Any:
+    def resize(self, device: str, workers: int) -> None:
+        """Rebuild ``device``'s translators with ``workers`` workers (on the CPU, each then
+        gets its share of the cores). Only between batches: the layout calls it at start."""
+        with self._lock:
+            if self.workers_on(device) == max(1, workers):
+                return
+            self._sized[device] = max(1, workers)
+            for key in [k for k in self._translators if k[1] == device]:
+                del self._translators[key]  # the old copy goes before the new one loads
+                self._translators[key] = self._new(key)
+
+    def _new(self, key: tuple[str, str, str]) -> Any:
         import ctranslate2
 
+        model_dir, device, compute_type = key
         on_cuda = device.startswith("cuda")
         index = int(device.partition(":")[2] or 0) if on_cuda else 0
-        threads = self.intra_threads
-        if threads is None:  # the CPU's threads, split between the workers
-            threads = 1 if on_cuda else max(1, _cpu_threads() // self.workers)
+        workers, threads = self.workers_on(device), self.threads_for(device)
         log.info("ctranslate2 translator on %s: %d worker(s), %d thread(s) each, %s", device,
-                 self.workers, threads, compute_type)
+                 workers, threads, compute_type)
         return ctranslate2.Translator(
-            str(model_dir), device="cuda" if on_cuda else "cpu", device_index=index,
-            compute_type=compute_type, inter_threads=self.workers, intra_threads=threads,
+            model_dir, device="cuda" if on_cuda else "cpu", device_index=index,
+            compute_type=compute_type, inter_threads=workers, intra_threads=threads,
         )
 
 
@@ -196,7 +219,9 @@ class CT2Summarizer:
         translators: SharedTranslators | None = None,
     ) -> None:
         """``translators``: the device's shared translator (replicas); without it, a
-        translator of its own with one worker."""
+        translator of its own with one worker and ``intra_threads`` threads."""
+        if translators is not None and intra_threads is not None:
+            raise ValueError("give intra_threads to the SharedTranslators, not to each replica")
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         def load(source: str, local_only: bool) -> tuple[Any, Any, Any]:
@@ -228,10 +253,27 @@ class CT2Summarizer:
         cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.model_dir, self.converted = converted_model(source, self.compute_type, cache)
         self.max_batch_tokens = max_batch_tokens
-        pool = translators or SharedTranslators(1, intra_threads)
-        self.workers = pool.workers
-        self.shares_weights = pool.workers > 1  # the planner's view of a replica past the first
-        self.translator = pool.get(self.model_dir, device, self.compute_type)
+        self._pool = translators or SharedTranslators(1, intra_threads)
+        self._pool.get(self.model_dir, device, self.compute_type)  # load it now
+
+    @property
+    def translator(self) -> Any:
+        """The device's translator (rebuilt when the layout resizes it)."""
+        return self._pool.get(self.model_dir, self.device, self.compute_type)
+
+    @property
+    def workers(self) -> int:
+        return self._pool.workers_on(self.device)
+
+    @property
+    def shares_weights(self) -> bool:
+        """Whether this replica's weights are another replica's too (the planner counts
+        them once)."""
+        return self.workers > 1
+
+    def keep_replicas(self, count: int) -> None:
+        """The layout keeps ``count`` replicas on this device: one worker each."""
+        self._pool.resize(self.device, count)
 
     def token_length(self, text: str) -> int:
         """Tokens the encoder will see (special tokens included, truncated to the input cap)."""

@@ -4,9 +4,10 @@ For each device: load the first replica and measure its footprint (free memory b
 after); run its warm-up batch (maximum-length inputs: the worst case) and measure the memory
 it reserves; on the first device, calibrate the batch size and token budget on mixed lengths
 (:mod:`streamproc.autotune`); plan the device with the measured numbers
-(:func:`streamproc.planner.plan_device`; a model whose ``shares_weights`` is true, as the
-CTranslate2 backend's with several workers, is planned as one copy of the weights); load the
-remaining replicas; and keep them only if they earn their place.
+(:func:`streamproc.planner.plan_device`; a :class:`SharedEngine`, as the CTranslate2
+backend's, is planned as one copy of the weights); load the remaining replicas; and keep
+them only if they earn their place (a shared engine is resized to one worker, then to all,
+for the comparison, and left with a worker per replica kept).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from .autotune import (
     CPU_BUDGET_S,
@@ -31,10 +32,22 @@ from .planner import DevicePlan, plan_device, probe_memory, resolve_devices
 from .replicas import Replica, measure_warmup, warmup_items
 from .settings import GPUConfig
 
-__all__ = ["build_layout"]
+__all__ = ["SharedEngine", "build_layout"]
 
 M = TypeVar("M")
 log = logging.getLogger("streamproc.layout")
+
+
+@runtime_checkable
+class SharedEngine(Protocol):
+    """A replica model whose replicas on one device are workers of one engine, with one copy
+    of the weights (the CTranslate2 backend): the planner counts the weights once, and the
+    layout sizes the engine to the replicas it keeps."""
+
+    @property
+    def shares_weights(self) -> bool: ...
+
+    def keep_replicas(self, count: int) -> None: ...
 
 
 async def build_layout(
@@ -80,12 +93,25 @@ async def _load_device(
             assert report.max_items is not None
             cfg = cfg.model_copy(update={"batch_size": report.max_items,
                                          "max_batch_tokens": report.max_batch_tokens})
-            activation_gb = max(activation_gb, report.peak_activation_gb[report.batch_size])
+    if report is not None and report.batch_size is not None:  # every device serves it
+        activation_gb = max(activation_gb, report.peak_activation_gb[report.batch_size])
+    # What the run left taken, with torch's cache handed back: an allocator torch cannot
+    # empty (CTranslate2's) keeps its peak, and each replica will too.
+    await first.release_memory()
+    settled = probe_memory(device)
     model_gb = None
     if before.free_gb is not None and after_load.free_gb is not None:
         model_gb = max(before.free_gb - after_load.free_gb, 0.01)
+        if settled.free_gb is not None:
+            activation_gb = max(activation_gb, after_load.free_gb - settled.free_gb)
+    shared = first.model if isinstance(first.model, SharedEngine) else None
+
+    async def resize(count: int) -> None:
+        assert shared is not None
+        await loop.run_in_executor(first.executor, shared.keep_replicas, count)
+
     plan = plan_device(before, cfg, model_gb=model_gb, activation_gb=activation_gb,
-                       shared_weights=bool(getattr(first.model, "shares_weights", False)))
+                       shared_weights=shared is not None and shared.shares_weights)
     if plan.warning:
         log.warning(plan.warning)
     on_device = [first]
@@ -94,10 +120,15 @@ async def _load_device(
         replicas.append(replica)
         on_device.append(replica)
         await measure_warmup(replica, direct, cfg, loop)
+    if shared is not None:
+        await resize(len(on_device))  # a worker per replica loaded, no idle ones
     if report is not None and report.batches and len(on_device) > 1:
-        keep = await tune_replicas(on_device, direct, report.batches, report)
+        keep = await tune_replicas(on_device, direct, report.batches, report,
+                                   resize if shared is not None else None)
         for extra in on_device[keep:]:
             extra.retire()
             replicas.remove(extra)
+        if shared is not None:
+            await resize(keep)
         plan = dataclasses.replace(plan, replicas=keep, limited_by="autotune")
     return cfg, plan, report

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 from .planner import GIB
@@ -46,7 +45,8 @@ class MemoryWatch:
         self._reserved = 0
         self._free = 0
 
-    def __enter__(self) -> MemoryWatch:
+    def start(self) -> MemoryWatch:
+        """Empty torch's cache and take the baselines the peak is measured from."""
         if self.cuda:
             import torch
 
@@ -56,10 +56,6 @@ class MemoryWatch:
             self._reserved = torch.cuda.memory_reserved(self.device)
             self._free = torch.cuda.mem_get_info(torch.device(self.device))[0]
         return self
-
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        return None
 
     def synchronize(self) -> None:
         if self.cuda:
@@ -173,10 +169,10 @@ async def measure_warmup(replica: Replica[M], task: Callable[[M, list[Any]], Seq
     payloads = payloads[:warmup_items(replica.device, config)]
 
     def run() -> float:
-        with MemoryWatch(replica.device) as watch:
-            task(replica.model, payloads)
-            watch.synchronize()
-            return watch.peak_gb()
+        watch = MemoryWatch(replica.device).start()
+        task(replica.model, payloads)
+        watch.synchronize()
+        return watch.peak_gb()
 
     peak = await loop.run_in_executor(replica.executor, run)
     log.info("%s warmed up on %d items (peak activations %.2f GiB)", replica.name,

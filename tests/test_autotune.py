@@ -116,7 +116,7 @@ async def test_mixed_lengths_calibrate_a_padded_token_budget() -> None:
     assert report.token_budget == {2: 80, 4: 160, 8: 320}
     assert "out of memory" in report.stopped_because
     assert (report.batch_size, report.max_batch_tokens) == (8, 320)
-    assert report.max_items == 16  # short texts may fill a batch up to the largest candidate
+    assert report.max_items == max(len(b) for b in report.batches)  # no more than measured
     assert report.batches and all(
         len(b) * max(map(len, b)) <= 320 for b in report.batches)
     assert sum(len(b) for b in report.batches) == 16  # 2 x the size, mixed lengths
@@ -140,3 +140,14 @@ async def test_out_of_memory_hands_the_cache_back() -> None:
     report = await tune_batch_size(Watched(3, "cpu", None, ThreadPoolExecutor(1)), sleepy, ["x"],
                                    budget_s=30, candidates=(32, 128))
     assert released == [3] and report.batch_size == 32
+
+
+async def test_a_shared_engine_is_resized_for_each_side_of_the_comparison() -> None:
+    sizes: list[int] = []
+
+    async def resize(count: int) -> None:
+        sizes.append(count)
+
+    group = [replica(i, None) for i in range(3)]
+    await tune_replicas(group, sleepy, [["x"] * 4], TuneReport(), resize)
+    assert sizes == [1, 3]  # the one alone gets the whole device, then all three share it

@@ -117,6 +117,18 @@ async def test_sorted_batches_respect_the_padded_budget() -> None:
     assert batch[0] == 10 and len(batch) * max(batch) <= 40
 
 
+async def test_a_backlog_over_the_budget_is_batched_by_length_below_the_item_cap() -> None:
+    # Fewer items than max_items, but more padded tokens than one batch holds: FIFO would pad
+    # the short ones to 100; selection by length keeps the long ones together.
+    batcher: MicroBatcher[int] = MicroBatcher(
+        max_items=64, max_delay_s=0.05, maxsize=100, cost=lambda n: n, max_cost=300,
+        sort_window=100)
+    for n in [100, 5, 100, 6, 100, 7, 5]:
+        await batcher.put(n)
+    assert await asyncio.wait_for(batcher.next_batch(), 1) == [100, 100, 100]
+    assert await asyncio.wait_for(batcher.next_batch(), 1) == [5, 6, 7, 5]  # fits: the delay
+
+
 async def test_sorted_selection_loses_and_duplicates_nothing() -> None:
     import random
 

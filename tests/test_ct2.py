@@ -210,6 +210,26 @@ async def test_replicas_on_a_device_share_one_translator_with_a_worker_each(
     assert results == load(tiny_model_dir, tmp_path, "ctranslate2").summarize(TEXTS)
 
 
+async def test_calibration_leaves_the_translator_a_worker_per_replica_it_keeps(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from streamproc.engine import build_worker
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, summarizer="seq2seq", model_name=str(tiny_model_dir),
+        seq2seq_backend="ctranslate2", ct2_cache_dir=str(tmp_path), max_input_tokens=128,
+        gpu_device_ids="cpu", model_pool_max_instances=2,
+    )
+    async with build_worker(settings) as worker:
+        tune = worker.autotune
+        assert tune is not None and tune.max_batch_tokens is not None
+        assert set(tune.replicas_items_per_second) == {1, 2}  # one worker, then two, measured
+        kept = len(worker.replicas)
+        assert tune.replicas == kept and worker.models[0].translator.num_translators == kept
+        assert worker.get_metrics()["replicas"][0]["engine"]["translator_workers"] == kept
+        assert all(isinstance(r, str) and r for r in await worker.infer_many(TEXTS[:4]))
+
+
 def test_one_replica_keeps_a_translator_of_its_own(tiny_model_dir: Path, tmp_path: Path) -> None:
     model = load(tiny_model_dir, tmp_path, "ctranslate2")
     assert model.translator.num_translators == 1 and not model.shares_weights

@@ -265,9 +265,9 @@ async def test_with_a_cost_calibration_picks_a_token_budget_on_mixed_lengths() -
         tune = worker.autotune
         assert tune is not None and tune.batch_size is not None
         assert tune.token_budget == {4: 160, 8: 320, 16: 640}  # n x the longest sample
-        # The budget decides the padded size; the item cap is the largest candidate.
+        # The budget decides the padded size; the item cap is the most items it measured.
         assert worker.config.max_batch_tokens == tune.token_budget[tune.batch_size]
-        assert worker.config.batch_size == 16
+        assert worker.config.batch_size == tune.max_items == max(map(len, tune.batches))
         assert worker.get_metrics()["autotune"]["max_batch_tokens"] == tune.max_batch_tokens
         assert worker.sort_window == worker.config.queue_size  # the whole queue, by default
         assert await worker.infer_many(["ab", "c"]) == ["AB@0", "C@0"]
