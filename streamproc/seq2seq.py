@@ -5,6 +5,10 @@ tokenizes, sorts by length and pads on the CPU (into pinned memory on CUDA), whi
 previous batch's :meth:`Seq2SeqSummarizer.run` generates on the device. ``no_repeat_ngram_size``
 is applied on the device (:mod:`streamproc.decoding`) instead of by HF's CPU loop, and
 ``GPU_STATIC_CACHE`` turns on HF's static KV cache (compiled decoding) with a clean fallback.
+transformers 5 builds the static cache inside each ``generate`` call, so after an
+out-of-memory nothing of it stays on the model: :meth:`Seq2SeqSummarizer._generate` raises
+outside its ``except`` block so the failed call's frames (and the cache) are freed, and the
+worker empties torch's cache before it retries.
 
 Shared with the CTranslate2 backend (:mod:`streamproc.ct2`): :class:`SourceTokenizer` (input
 truncation, length sorting, decoding, order restored) and :func:`resolved_generation` (the
