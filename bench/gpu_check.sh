@@ -21,6 +21,7 @@
 #   worker-*-greedy  through GPUWorker (bench/engine.py): layout a (replicas as the plan
 #                    allows, at most 8) and b (one replica), batch 256, per backend
 #   worker-*-beam    through GPUWorker, layout b, beam 4 at batch 128, per backend
+#   worker-ctranslate2-calibrated   layout c (calibration, token budget), if budget is left
 #
 # GPU_STATIC_CACHE is left out: its compiled shapes are not bucketed, so it would recompile
 # per batch shape inside the budget. Copy the figures into BENCHMARKS.md with the device, the
@@ -180,5 +181,13 @@ for backend in ctranslate2 transformers; do
     --batch "$B_BATCH" --items "$WB_ITEMS" --source-tokens "$SRC" --new-tokens "$NEW" \
     --rounds 1 --no-mixed --no-bare --json "$OUT/worker-$backend-beam.json"
 done
+# Last, when budget is left: layout c (streamproc's defaults), so that calibration on mixed
+# lengths, the token budget and the replica comparison (up to 4 translator workers) run on
+# CUDA at least once.
+section worker-ctranslate2-calibrated 150 env MODEL_POOL_MAX_INSTANCES=4 \
+  "$PY" bench/engine.py --shape "$SHAPE" \
+  --device "$DEVICE" --backend ctranslate2 --compute-type auto --ct2-cache "$CACHE" \
+  --gen greedy --layouts c --items "$W_ITEMS" --source-tokens "$SRC" --new-tokens "$NEW" \
+  --rounds 1 --no-mixed --no-bare --json "$OUT/worker-ctranslate2-calibrated.json"
 rm -rf "$CACHE"
 echo "== done in $((SECONDS - START)) s of $BUDGET; $OUT/gpu-check.json" | tee -a "$OUT/check.log"
