@@ -164,6 +164,7 @@ def run_workers(settings: Settings, counts: list[int], texts: list[str], batch: 
         translators = SharedTranslators(count)
         pools[count] = [load_summarizer(settings, target, translators=translators)
                         for _ in range(count)]
+        translators.resize(target, count)  # as the layout does once the replicas are loaded
         threads[count] = translators.threads_for(target)
         pools[count][0].summarize(texts[:2])  # load the code paths
     batches = [texts[i:i + batch] for i in range(0, len(texts), batch)]

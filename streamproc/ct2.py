@@ -9,9 +9,10 @@ so that both backends decode the same way (greedy fp32 output is token-identical
 **Replicas.** A ``ctranslate2.Translator`` runs up to ``inter_threads`` batches at once, one
 per worker, and its workers on one device share one copy of the weights (each on its own
 CUDA stream); ``translate_batch`` releases the GIL while it runs. :class:`SharedTranslators`
-gives every replica on a device the same translator, with as many workers as the settings
-allow replicas (:func:`streamproc.planner.replica_cap`), so N replicas are N concurrent
-batches on one model. Calibration then keeps the extra replicas only if they measure faster
+gives every replica on a device the same translator. It starts with one worker, and the
+layout gives it a worker per replica it loads, at most as many as the settings allow
+(:func:`streamproc.planner.replica_cap`), so N replicas are N concurrent batches on one
+model. Calibration keeps the extra replicas only if they measure faster
 (:mod:`streamproc.autotune`). On the CPU the workers split the cores between them.
 
 On CUDA the PyPI wheel loads cuBLAS 12 at run time, whatever CUDA torch is built for:
@@ -143,20 +144,22 @@ def decode_options(config: Any, tokenizer: Any) -> DecodeOptions:
 
 
 class SharedTranslators:
-    """One translator per (model, device, compute type), shared by that device's replicas,
-    with ``workers`` workers (``inter_threads``) until :meth:`resize` sets a device's count.
-    On the CPU the workers split the cores, unless ``intra_threads`` is given. Owned by one
-    worker's loader; thread-safe, since each replica loads on its own thread."""
+    """One translator per (model, device, compute type), shared by that device's replicas.
+    It starts with one worker (``inter_threads``), so the first replica's warm-up and
+    calibration have the whole device; :meth:`resize` gives it a worker per replica, up to
+    ``max_workers``. On the CPU the workers split the cores, unless ``intra_threads`` is
+    given. Owned by one worker's loader; thread-safe, since each replica loads on its own
+    thread."""
 
-    def __init__(self, workers: int = 1, intra_threads: int | None = None) -> None:
-        self.workers = max(1, workers)
+    def __init__(self, max_workers: int = 1, intra_threads: int | None = None) -> None:
+        self.max_workers = max(1, max_workers)
         self.intra_threads = intra_threads
         self._translators: dict[tuple[str, str, str], Any] = {}
         self._sized: dict[str, int] = {}  # device -> workers, once resized
         self._lock = threading.Lock()
 
     def workers_on(self, device: str) -> int:
-        return self._sized.get(device, self.workers)
+        return self._sized.get(device, 1)
 
     def threads_for(self, device: str) -> int:
         """Each worker's intra-op threads on ``device``."""
@@ -175,12 +178,14 @@ class SharedTranslators:
             return translator
 
     def resize(self, device: str, workers: int) -> None:
-        """Rebuild ``device``'s translators with ``workers`` workers (on the CPU, each then
-        gets its share of the cores). Only between batches: the layout calls it at start."""
+        """Rebuild ``device``'s translators with ``workers`` workers, at most ``max_workers``
+        (on the CPU, each then gets its share of the cores). Only between batches: the layout
+        calls it at start."""
+        workers = min(max(1, workers), self.max_workers)
         with self._lock:
-            if self.workers_on(device) == max(1, workers):
+            if self.workers_on(device) == workers:
                 return
-            self._sized[device] = max(1, workers)
+            self._sized[device] = workers
             for key in [k for k in self._translators if k[1] == device]:
                 del self._translators[key]  # the old copy goes before the new one loads
                 self._translators[key] = self._new(key)
@@ -267,9 +272,9 @@ class CT2Summarizer:
 
     @property
     def shares_weights(self) -> bool:
-        """Whether this replica's weights are another replica's too (the planner counts
-        them once)."""
-        return self.workers > 1
+        """Whether the replicas on this device would share these weights (the planner then
+        counts them once)."""
+        return self._pool.max_workers > 1
 
     def keep_replicas(self, count: int) -> None:
         """The layout keeps ``count`` replicas on this device: one worker each."""

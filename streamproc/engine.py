@@ -58,7 +58,7 @@ def build_worker(settings: Settings) -> SummaryWorker:
         warmup_payloads=warmup_texts(settings.max_input_tokens, settings.gpu_batch_size),
         calibration_payloads=calibration_texts(settings.max_input_tokens))
     # The CTranslate2 backend's replicas on a device share one translator, with a worker
-    # for each replica the settings allow there.
+    # for each replica loaded there, at most as many as the settings allow.
     translators = SharedTranslators(replica_cap(config)[0])
     return GPUWorker(
         functools.partial(load_summarizer, settings, translators=translators),

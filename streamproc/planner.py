@@ -13,9 +13,9 @@ Reading of the settings, from widest to narrowest:
   of 1 is deliberate: replicas in threads of one process share the GIL, and measured slower
   than one replica with a larger batch. Raise it only when a benchmark says so.
 
-The caps alone are :func:`replica_cap`: the CTranslate2 backend sizes its translator's worker
-pool with it before the first replica loads. Its workers on one device share the weights,
-so with ``shared_weights`` a replica past the first costs only its activations.
+The caps alone are :func:`replica_cap`: the most workers the CTranslate2 backend's shared
+translator may get. Its workers on one device share the weights, so with
+``shared_weights`` a replica past the first costs only its activations.
 
 Free memory is ``torch.cuda.mem_get_info``: the driver's view, which includes every other
 process on the card, not just this one's allocations.

@@ -23,12 +23,15 @@ TEXTS = [line for line in TINY_CORPUS.splitlines() if line.strip()][:6]
 TEXTS += ["", "Short.", " ".join(TEXTS) * 4]  # an empty text, a short one, a truncated one
 
 
-def load(model_dir: Path, cache: Path, backend: str, **values: Any) -> Any:
-    settings = Settings(  # type: ignore[call-arg]
+def settings_for(model_dir: Path, cache: Path, backend: str, **values: Any) -> Settings:
+    return Settings(  # type: ignore[call-arg]
         _env_file=None, summarizer="seq2seq", model_name=str(model_dir), seq2seq_backend=backend,
         ct2_cache_dir=str(cache), max_input_tokens=128, **values,
     )
-    return load_summarizer(settings, "cpu")
+
+
+def load(model_dir: Path, cache: Path, backend: str, **values: Any) -> Any:
+    return load_summarizer(settings_for(model_dir, cache, backend, **values), "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -195,11 +198,8 @@ async def test_replicas_on_a_device_share_one_translator_with_a_worker_each(
 ) -> None:
     from streamproc.engine import build_worker
 
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, summarizer="seq2seq", model_name=str(tiny_model_dir),
-        seq2seq_backend="ctranslate2", ct2_cache_dir=str(tmp_path), max_input_tokens=128,
-        gpu_device_ids="cpu", model_pool_max_instances=2, gpu_autotune=False,
-    )
+    settings = settings_for(tiny_model_dir, tmp_path, "ctranslate2", gpu_device_ids="cpu",
+                            model_pool_max_instances=2, gpu_autotune=False)
     async with build_worker(settings) as worker:
         first, second = worker.models
         assert first.translator is second.translator  # one copy of the weights
@@ -215,11 +215,8 @@ async def test_calibration_leaves_the_translator_a_worker_per_replica_it_keeps(
 ) -> None:
     from streamproc.engine import build_worker
 
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, summarizer="seq2seq", model_name=str(tiny_model_dir),
-        seq2seq_backend="ctranslate2", ct2_cache_dir=str(tmp_path), max_input_tokens=128,
-        gpu_device_ids="cpu", model_pool_max_instances=2,
-    )
+    settings = settings_for(tiny_model_dir, tmp_path, "ctranslate2", gpu_device_ids="cpu",
+                            model_pool_max_instances=2)
     async with build_worker(settings) as worker:
         tune = worker.autotune
         assert tune is not None and tune.max_batch_tokens is not None
