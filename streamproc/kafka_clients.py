@@ -1,4 +1,5 @@
-"""Kafka clients built from the settings: security options, bounded start, topic checks."""
+"""Kafka clients built from the settings: security options, bounded start and close, topic
+checks."""
 
 from __future__ import annotations
 
@@ -22,11 +23,37 @@ from .errors import BrokerUnavailable, ConfigError, StreamprocError
 from .settings import Settings
 
 __all__ = [
-    "broker_answers", "client_options", "connect_problem", "consumer_for", "ensure_topics",
-    "producer_for", "record_size", "start_with_retry",
+    "broker_answers", "cancelling", "client_options", "connect_problem", "consumer_for",
+    "ensure_topics", "producer_for", "record_size", "start_with_retry", "within",
 ]
 
 log = logging.getLogger("streamproc.kafka")
+
+
+def cancelling() -> bool:
+    """The running task itself is being cancelled (not just a future it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def within(what: str, awaitable: Awaitable[Any], seconds: float,
+                 tolerate: tuple[type[BaseException], ...] = ()) -> bool:
+    """A bounded wait on the shutdown and clean-up paths: await for at most ``seconds``.
+    False, with a warning, when it timed out, raised one of ``tolerate``, or ended in its own
+    cancellation (a client's close may); the caller's own cancellation, and any other error,
+    propagate."""
+    try:
+        await asyncio.wait_for(awaitable, max(seconds, 0.01))
+        return True
+    except TimeoutError:
+        log.warning("%s did not finish within %.1f s", what, seconds)
+    except tolerate as exc:
+        log.warning("%s did not finish cleanly: %r", what, exc)
+    except asyncio.CancelledError:
+        if cancelling():
+            raise
+        log.warning("%s was cancelled", what)
+    return False
 
 
 def broker_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:

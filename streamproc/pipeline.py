@@ -50,7 +50,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
 from types import TracebackType
 from typing import TYPE_CHECKING
 
@@ -59,7 +58,7 @@ from aiokafka.errors import KafkaError
 
 from .errors import InvalidRecord, RebalanceFailed, StreamprocError, WorkerClosed
 from .intake import Intake
-from .kafka_clients import consumer_for, ensure_topics, start_with_retry
+from .kafka_clients import cancelling, consumer_for, ensure_topics, start_with_retry, within
 from .metrics import PipelineStats
 from .outputs import Outbound, Outputs
 from .partition import Entry, Partition
@@ -89,20 +88,6 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 def _names(partitions: list[Partition]) -> list[str]:
     return sorted(p.name for p in partitions)
-
-
-async def _within(what: str, awaitable: Awaitable[None], seconds: float) -> bool:
-    """Await for at most ``seconds``; False (and a warning) when it did not finish."""
-    try:
-        await asyncio.wait_for(awaitable, max(seconds, 0.01))
-        return True
-    except TimeoutError:
-        log.warning("%s did not finish within %.1f s", what, seconds)
-    except asyncio.CancelledError:  # a client's close may end in its own task's cancellation
-        if _cancelling():
-            raise
-        log.warning("%s was cancelled", what)
-    return False
 
 
 class StreamProcessor:
@@ -160,7 +145,7 @@ class StreamProcessor:
         self.request_stop()
         for task in self._emitters.values():
             task.cancel()
-        await _within("leaving the group", self.consumer.stop(), CLOSE_TIMEOUT_S)
+        await within("leaving the group", self.consumer.stop(), CLOSE_TIMEOUT_S)
         await self.sink.stop(CLOSE_TIMEOUT_S)
 
     def request_stop(self) -> None:
@@ -203,7 +188,7 @@ class StreamProcessor:
             self._closing.set()
             committing.cancel()  # a transaction stuck on an unreachable broker must not wait
         await self.sink.flush(started + FLUSH_SHARE * budget - time.monotonic())
-        await _within("the final commit", self.commit(), started + budget - time.monotonic())
+        await within("the final commit", self.commit(), started + budget - time.monotonic())
         if self.fatal is not None:
             raise self.fatal
 
@@ -256,7 +241,7 @@ class StreamProcessor:
             except StreamprocError as exc:
                 error = exc
             except asyncio.CancelledError:
-                if not entry.outcome.cancelled() or _cancelling():
+                if not entry.outcome.cancelled() or cancelling():
                     raise
                 error = WorkerClosed("its inference was cancelled")  # dropped, if not current
         if not partition.current(entry.epoch):
@@ -316,14 +301,14 @@ class StreamProcessor:
         try:
             for partition in mine:
                 partition.drain()
-            within = min(self.settings.shutdown_timeout_s,
-                         self.settings.kafka_max_poll_interval_ms / 2000)
-            if not await self._settle(mine, time.monotonic() + within):
+            limit = min(self.settings.shutdown_timeout_s,
+                        self.settings.kafka_max_poll_interval_ms / 2000)
+            if not await self._settle(mine, time.monotonic() + limit):
                 log.warning("revoke: records still open after %.1f s; they will be read again "
-                            "by the next owner", within)
+                            "by the next owner", limit)
             for partition in mine:
                 self._cancel_emitter(partition)
-            await _within("the commit on revoke", self.sink.commit(mine), within)
+            await within("the commit on revoke", self.sink.commit(mine), limit)
             await self.sink.revoked(mine, CLOSE_TIMEOUT_S)
         except Exception as exc:
             self._fail(RebalanceFailed(f"handing back {_names(mine)} failed: {exc!r}"))
@@ -356,9 +341,3 @@ class StreamProcessor:
             self._start_emitter(partition)
         self.joined.set()
         log.info("partitions assigned: %s", _names(new))
-
-
-def _cancelling() -> bool:
-    """The running task itself is being cancelled (not just a future it awaited)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0

@@ -61,7 +61,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,7 +81,7 @@ from aiokafka.errors import (
 )
 
 from .errors import DeliveryFailed, StreamprocError
-from .kafka_clients import producer_for, start_with_retry
+from .kafka_clients import producer_for, start_with_retry, within
 from .metrics import PipelineStats
 from .outputs import Outbound, Outputs
 from .partition import Partition
@@ -108,17 +108,9 @@ def replayable(exc: BaseException | None) -> bool:
     return isinstance(exc, _REFUSED + _COLLATERAL)
 
 
-async def _bounded(what: str, coro: Any, within_s: float) -> None:
-    """Await ``coro`` for at most ``within_s``; log, never raise (shutdown and clean-up)."""
-    try:
-        await asyncio.wait_for(coro, max(within_s, 0.01))
-    except (TimeoutError, KafkaError, OSError) as exc:
-        log.warning("%s did not finish cleanly: %r", what, exc)
-    except asyncio.CancelledError:  # a client's close may end in its own task's cancellation
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise
-        log.warning("%s was cancelled", what)
+async def _closed(what: str, closing: Awaitable[None], within_s: float) -> None:
+    """Close a client within ``within_s``: a close that fails is logged, never raised."""
+    await within(what, closing, within_s, tolerate=(KafkaError, OSError))
 
 
 class Sink:
@@ -201,7 +193,7 @@ class AtLeastOnceSink(Sink):
     async def stop(self, within_s: float) -> None:
         if self._reset is not None:
             self._reset.cancel()
-        await _bounded("closing the producer", self.producer.stop(), within_s)
+        await _closed("closing the producer", self.producer.stop(), within_s)
 
     async def emit(self, partition: Partition, record: Outbound) -> None:
         await self._writable.wait()
@@ -263,7 +255,7 @@ class AtLeastOnceSink(Sink):
                                  f"times in a row: {send.error!r}")
                 return
             old, self.producer = self.producer, producer_for(self.settings)
-            await _bounded("closing the failed producer", old.stop(), 5)
+            await _closed("closing the failed producer", old.stop(), 5)
             await start_with_retry("producer", self.producer.start, self.settings)
             log.warning("producer replaced after %d failed send(s); writing them again in "
                         "order", len(failed))
@@ -369,8 +361,8 @@ class ExactlyOnceSink(Sink):
         states = [s for p in partitions if (s := self._states.pop(p.tp, None)) is not None]
         for state in states:
             self._drop(state, len(state.buffer))
-        await asyncio.gather(*(_bounded(f"closing {s.partition.name}'s producer",
-                                        s.producer.stop(), within_s)
+        await asyncio.gather(*(_closed(f"closing {s.partition.name}'s producer",
+                                       s.producer.stop(), within_s)
                                for s in states if s.producer is not None))
 
     async def stop(self, within_s: float) -> None:
@@ -512,7 +504,7 @@ class ExactlyOnceSink(Sink):
     async def _replace_producer(self, state: _Transactional) -> None:
         old, state.producer = state.producer, None
         if old is not None:
-            await _bounded(f"closing {state.partition.name}'s producer", old.stop(), 5)
+            await _closed(f"closing {state.partition.name}'s producer", old.stop(), 5)
         await self._new_producer(state)
 
     async def _failed(self, state: _Transactional, why: str) -> None:
@@ -548,7 +540,7 @@ class ExactlyOnceSink(Sink):
         partition = state.partition
         old, state.producer = state.producer, None
         if old is not None:
-            await _bounded(f"closing {partition.name}'s fenced producer", old.stop(), 5)
+            await _closed(f"closing {partition.name}'s fenced producer", old.stop(), 5)
         await partition.ends_within(2 * self.settings.kafka_session_timeout_ms / 1000)
         if partition.finished or self._states.get(partition.tp) is not state:
             return  # a new owner has it
