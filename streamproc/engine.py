@@ -56,7 +56,8 @@ def build_worker(settings: Settings) -> SummaryWorker:
     config = GPUConfig.from_settings(
         settings,
         warmup_payloads=warmup_texts(settings.max_input_tokens, settings.gpu_batch_size),
-        calibration_payloads=calibration_texts(settings.max_input_tokens))
+        calibration_payloads=(calibration_texts(settings.max_input_tokens)
+                              if settings.autotune_enabled else ()))
     # The CTranslate2 backend's replicas on a device share one translator, with a worker
     # for each replica loaded there, at most as many as the settings allow.
     translators = SharedTranslators(replica_cap(config)[0])
