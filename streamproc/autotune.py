@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .errors import OutOfMemory
-from .replicas import MemoryWatch, Replica
+from .replicas import Replica
 
 __all__ = ["CPU_BUDGET_S", "CPU_CANDIDATES", "GPU_BUDGET_S", "GPU_CANDIDATES", "TuneReport",
            "group_by_budget", "tune_batch_size", "tune_replicas"]
@@ -98,18 +98,6 @@ def group_by_budget(costs: Sequence[int], budget: int, max_items: int) -> list[l
     return batches
 
 
-def _timed_run(replica: Replica[M], direct: Direct[M], batches: list[list[Any]],
-               measure_memory: bool = False) -> tuple[float, float]:
-    """Seconds of running ``batches`` in turn on the replica's own thread, and (with
-    ``measure_memory``, which starts from an emptied cache) the peak memory in GiB."""
-    watch = MemoryWatch(replica.device).start() if measure_memory else MemoryWatch(replica.device)
-    started = time.perf_counter()
-    for batch in batches:
-        direct(replica.model, batch)
-    watch.synchronize()
-    return time.perf_counter() - started, watch.peak_gb() if measure_memory else 0.0
-
-
 @dataclass(frozen=True, slots=True)
 class _Candidate:
     items: int
@@ -165,7 +153,7 @@ async def tune_batch_size(replica: Replica[M], direct: Direct[M], samples: Seque
                                           f"past the {budget_s:.0f} s budget")
                 break
         try:  # the first run measures memory from an emptied cache; the second runs warm
-            runs = [await loop.run_in_executor(replica.executor, _timed_run, replica, direct,
+            runs = [await loop.run_in_executor(replica.executor, replica.timed, direct,
                                                candidate.batches, first) for first in (True, False)]
         except Exception as exc:
             if not OutOfMemory.describes(exc):
@@ -221,7 +209,7 @@ async def tune_replicas(replicas: Sequence[Replica[M]], direct: Direct[M],
 
     async def together(group: Sequence[Replica[M]]) -> float:
         started = time.perf_counter()
-        await asyncio.gather(*(loop.run_in_executor(r.executor, _timed_run, r, direct, batches)
+        await asyncio.gather(*(loop.run_in_executor(r.executor, r.timed, direct, batches)
                                for r in group))
         return len(group) * items / (time.perf_counter() - started)
 

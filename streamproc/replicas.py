@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -122,6 +123,19 @@ class Replica(Generic[M]):
     def succeeded(self) -> None:
         self.consecutive_blames = 0
 
+    def timed(self, direct: Callable[[M, list[Any]], Sequence[Any]], batches: list[list[Any]],
+              measure_memory: bool = False) -> tuple[float, float]:
+        """Run ``batches`` in turn, on the calling thread (the replica's own): the seconds,
+        and with ``measure_memory`` (from an emptied cache) the peak memory in GiB."""
+        watch = MemoryWatch(self.device)
+        if measure_memory:
+            watch.start()
+        started = time.perf_counter()
+        for batch in batches:
+            direct(self.model, batch)
+        watch.synchronize()
+        return time.perf_counter() - started, watch.peak_gb() if measure_memory else 0.0
+
     async def release_memory(self) -> None:
         """After running out of memory: hand torch's cached blocks back to the card, so the
         retry (and any other process) has the room it needs."""
@@ -168,13 +182,7 @@ async def measure_warmup(replica: Replica[M], task: Callable[[M, list[Any]], Seq
     # no VRAM to plan from on the CPU: a short batch only loads the code paths
     payloads = payloads[:warmup_items(replica.device, config)]
 
-    def run() -> float:
-        watch = MemoryWatch(replica.device).start()
-        task(replica.model, payloads)
-        watch.synchronize()
-        return watch.peak_gb()
-
-    peak = await loop.run_in_executor(replica.executor, run)
+    _, peak = await loop.run_in_executor(replica.executor, replica.timed, task, [payloads], True)
     log.info("%s warmed up on %d items (peak activations %.2f GiB)", replica.name,
              len(payloads), peak)
     return peak
