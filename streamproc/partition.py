@@ -247,10 +247,6 @@ class Partition:
         if entry.epoch == self.epoch and not self.finished:
             self._unemitted = max(self._unemitted - 1, 0)
 
-    def cancel_pending(self) -> None:
-        """Give up on the results not in yet (shutdown past its deadline)."""
-        _cancel(self._pending)
-
     def _drop_pending(self) -> None:
         _cancel(self._pending)
         self._pending.clear()
