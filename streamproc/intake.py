@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 from .errors import InvalidRecord
 from .messages import decode_feed_item
@@ -42,11 +42,12 @@ HOLD = "backpressure"
 
 
 class Intake:
-    """The fetch side of a :class:`~streamproc.pipeline.StreamProcessor`. ``partitions``
-    returns the processor's assigned partitions (it owns them)."""
+    """The fetch side of a :class:`~streamproc.pipeline.StreamProcessor`. ``partitions`` is a
+    read-only view of the processor's assigned partitions, by topic-partition (it owns
+    them)."""
 
     def __init__(self, settings: Settings, consumer: AIOKafkaConsumer, worker: SummaryWorker,
-                 stats: PipelineStats, partitions: Callable[[], Iterable[Partition]],
+                 stats: PipelineStats, partitions: Mapping[TopicPartition, Partition],
                  stop: asyncio.Event) -> None:
         self.settings = settings
         self.consumer = consumer
@@ -60,7 +61,7 @@ class Intake:
 
     def in_flight(self) -> int:
         """Records fetched and not yet settled, over every assigned partition."""
-        return sum(p.tracker.in_flight for p in self.partitions())
+        return sum(p.tracker.in_flight for p in self.partitions.values())
 
     def adopt(self, partition: Partition) -> None:
         """A newly assigned partition follows the backpressure in force."""
@@ -83,9 +84,8 @@ class Intake:
         batches = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         if not batches:
             return
-        by_tp = {p.tp: p for p in self.partitions()}
         for tp, records in batches.items():
-            partition = by_tp.get(tp)
+            partition = self.partitions.get(tp)
             if partition is not None:
                 await self._accept(partition, records)
 
@@ -112,7 +112,7 @@ class Intake:
         while not self.stop.is_set() and not self._has_room():
             if not self.paused and time.monotonic() - since >= self.pause_after_s:
                 self.paused = True
-                for partition in self.partitions():
+                for partition in self.partitions.values():
                     partition.hold(HOLD)
                 self.stats.pauses += 1
                 log.info("backpressure: pausing fetch (%d records open, %d queued)",
@@ -124,7 +124,7 @@ class Intake:
         self.stats.backpressure_seconds += time.monotonic() - since
         if self.paused:
             self.paused = False
-            for partition in self.partitions():
+            for partition in self.partitions.values():
                 partition.release(HOLD)
             log.info("backpressure: resuming fetch")
 

@@ -108,7 +108,7 @@ class StreamProcessor:
         self._stop = asyncio.Event()
         self._stop_requested_at: float | None = None
         self.intake = Intake(settings, self.consumer, worker, self.stats,
-                             self._partitions.values, self._stop)
+                             self._partitions, self._stop)
         self._closing = asyncio.Event()
         self.joined = asyncio.Event()  # set once the group has handed out an assignment
         self.fatal: StreamprocError | None = None
