@@ -276,7 +276,7 @@ class StreamProcessor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.sink.commit_due.wait(), interval)
             if not self._closing.is_set():
-                self.sink.check_deadlines(self._partitions.values())
+                self.sink.check_deadlines()
                 await self.commit()
 
     async def _settle(self, partitions: list[Partition], deadline: float) -> bool:

@@ -161,7 +161,7 @@ class Sink:
     async def commit(self, partitions: Iterable[Partition]) -> None:
         raise NotImplementedError
 
-    def check_deadlines(self, partitions: Iterable[Partition]) -> None:
+    def check_deadlines(self) -> None:
         """Stop the partitions with an output unwritten for ``KAFKA_DELIVERY_TIMEOUT_MS``."""
 
 
@@ -280,7 +280,7 @@ class AtLeastOnceSink(Sink):
             self._reset = None
             self._writable.set()
 
-    def check_deadlines(self, partitions: Iterable[Partition]) -> None:
+    def check_deadlines(self) -> None:
         now = time.monotonic()
         for send in list(self._sends.values()):
             if now - send.sent_at > self.delivery_timeout_s and not send.partition.finished:
@@ -392,7 +392,7 @@ class ExactlyOnceSink(Sink):
     def settled(self, partition: Partition) -> bool:
         return partition.unemitted == 0  # everything is in the buffer the next commit writes
 
-    def check_deadlines(self, partitions: Iterable[Partition]) -> None:
+    def check_deadlines(self) -> None:
         now = time.monotonic()
         for state in list(self._states.values()):
             since = state.unwritten_since
