@@ -490,10 +490,7 @@ class ExactlyOnceSink(Sink):
                     self.give_up(state.partition, f"the broker refused a dead letter: {exc!r}")
                     return
                 state.buffer[i] = replacement
-        state.failures_in_a_row += 1
-        if state.failures_in_a_row > MAX_PRODUCER_RESETS:
-            self.give_up(state.partition, f"{MAX_PRODUCER_RESETS} transactions in a row "
-                         "failed")
+        if self._failed_again(state, f"{MAX_PRODUCER_RESETS} transactions in a row failed"):
             return
         log.warning("%s: %d send(s) failed in a transaction (%s); aborted, writing again",
                     state.partition.name, len(failed), sorted({type(e).__name__
@@ -501,20 +498,30 @@ class ExactlyOnceSink(Sink):
         await self._replace_producer(state)
         self.commit_due.set()
 
-    async def _replace_producer(self, state: _Transactional) -> None:
+    def _failed_again(self, state: _Transactional, why: str) -> bool:
+        """One more failure in a row; past ``MAX_PRODUCER_RESETS`` its partition stops
+        (True)."""
+        state.failures_in_a_row += 1
+        if state.failures_in_a_row > MAX_PRODUCER_RESETS:
+            self.give_up(state.partition, why)
+            return True
+        return False
+
+    async def _close_producer(self, state: _Transactional, which: str = "producer") -> None:
         old, state.producer = state.producer, None
         if old is not None:
-            await _closed(f"closing {state.partition.name}'s producer", old.stop(), 5)
+            await _closed(f"closing {state.partition.name}'s {which}", old.stop(), 5)
+
+    async def _replace_producer(self, state: _Transactional) -> None:
+        await self._close_producer(state)
         await self._new_producer(state)
 
     async def _failed(self, state: _Transactional, why: str) -> None:
         """Step 4's other reasons: drop the buffer and read again from the committed offset,
         through a new producer (an aborted transaction may leave the old one unusable)."""
-        state.failures_in_a_row += 1
         self._drop(state, len(state.buffer))
-        if state.failures_in_a_row > MAX_PRODUCER_RESETS:
-            self.give_up(state.partition, f"{MAX_PRODUCER_RESETS} transactions in a row "
-                         f"failed; last: {why}")
+        if self._failed_again(state, f"{MAX_PRODUCER_RESETS} transactions in a row failed; "
+                              f"last: {why}"):
             return
         log.warning("%s: %s", state.partition.name, why)
         state.partition.suspend()
@@ -538,15 +545,11 @@ class ExactlyOnceSink(Sink):
 
     async def _recover(self, state: _Transactional) -> None:
         partition = state.partition
-        old, state.producer = state.producer, None
-        if old is not None:
-            await _closed(f"closing {partition.name}'s fenced producer", old.stop(), 5)
+        await self._close_producer(state, "fenced producer")
         await partition.ends_within(2 * self.settings.kafka_session_timeout_ms / 1000)
         if partition.finished or self._states.get(partition.tp) is not state:
             return  # a new owner has it
-        state.failures_in_a_row += 1
-        if state.failures_in_a_row > MAX_PRODUCER_RESETS:
-            self.give_up(partition, "fenced again and again with no new owner")
+        if self._failed_again(state, "fenced again and again with no new owner"):
             return
         log.warning("%s: still ours after a fence, so a transaction timed out; carrying on "
                     "with a new producer", partition.name)
