@@ -32,9 +32,19 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 
-from .harness import BAD, PORT, Processor, Tracker, broker, processor_env, read_committed, say
+from .harness import (
+    BAD,
+    PORT,
+    Processor,
+    Tracker,
+    broker,
+    create_topics,
+    processor_env,
+    read_committed,
+    say,
+)
 from .progress import Progress
 
 __all__ = ["main"]
@@ -67,13 +77,8 @@ class Run:
         await admin.start()
         return admin
     async def setup(self) -> None:
-        admin = await self.admin()
-        try:
-            await admin.create_topics([NewTopic(self.topic, self.args.partitions, 1),
-                                       NewTopic(self.out[0].topic, len(self.out), 1),
-                                       NewTopic(self.dlq[0].topic, len(self.dlq), 1)])
-        finally:
-            await admin.close()
+        await create_topics(self.bootstrap, self.topic, self.args.partitions, self.out,
+                            self.dlq)
         await self.producer.start()
 
     async def send(self, records: list[tuple[bytes | None, bytes]]) -> None:
@@ -148,7 +153,7 @@ class Run:
             second = Processor(self.env, self.logs)
             try:
                 for _ in range(600):  # a minute at most to join and get partitions
-                    if second.has_partitions() or second.proc.poll() is not None:
+                    if second.assigned_or_exited():
                         break
                     await asyncio.sleep(0.1)
                 await asyncio.sleep(3)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from .errors import StreamprocError
 from .local_broker import KAFKA_SH
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from .engine import SummaryWorker
 
 __all__ = ["BAD", "PORT", "BreakableModel", "Processor", "Tracker", "breakable_worker", "broker",
-           "processor_env", "read_committed", "reader", "say"]
+           "create_topics", "processor_env", "read_committed", "reader", "say"]
 
 # Not 39092: ports from 32768 up are Linux's ephemeral range, and a client that reconnects to
 # a stopped broker there soon gets the broker's port as its own (a TCP self-connect); the
@@ -132,11 +133,15 @@ class Processor:
             self.proc.kill()
         self.proc.wait()
 
-    def has_partitions(self) -> bool:
-        return "partitions assigned: ['" in self.log.read_text(errors="replace")
-
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def has_partitions(self) -> bool:
+        return "partitions assigned: ['" in self.log_text()
+
+    def assigned_or_exited(self) -> bool:
+        """Its partitions were assigned, or it exited: waiting for an assignment is over."""
+        return self.has_partitions() or self.proc.poll() is not None
 
     async def terminate(self, timeout_s: float = 60) -> int | None:
         """SIGTERM and wait; the exit code, or None (and kill -9) if it did not exit in time.
@@ -202,6 +207,22 @@ class Tracker:
                 return
             await asyncio.sleep(0.05)
         raise TimeoutError("the tracker did not catch up with the answers in a minute")
+
+
+async def create_topics(bootstrap: str, topic: str, partitions: int, out: list[TopicPartition],
+                        dlq: list[TopicPartition],
+                        output_config: dict[str, str] | None = None) -> None:
+    """The input topic, and the output and dead-letter topics with as many partitions as
+    ``out`` and ``dlq`` list (``output_config``: the output topic's own settings)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([
+            NewTopic(topic, partitions, 1),
+            NewTopic(out[0].topic, len(out), 1, topic_configs=dict(output_config or {})),
+            NewTopic(dlq[0].topic, len(dlq), 1)])
+    finally:
+        await admin.close()
 
 
 def reader(bootstrap: str) -> AIOKafkaConsumer:

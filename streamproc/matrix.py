@@ -41,9 +41,18 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from .harness import BAD, PORT, Processor, Tracker, broker, processor_env, read_committed, say
+from .harness import (
+    BAD,
+    PORT,
+    Processor,
+    Tracker,
+    broker,
+    create_topics,
+    processor_env,
+    read_committed,
+    say,
+)
 from .progress import Progress
 
 __all__ = ["CASES", "Case", "main"]
@@ -132,7 +141,7 @@ class CaseRun:
                  logs: Path) -> None:
         self.case, self.mode, self.args, self.bootstrap = case, mode, args, bootstrap
         name = f"m-{case.name.replace('_', '-')}-{uuid.uuid4().hex[:6]}"
-        self.topic, self.group = f"{name}.in", f"{name}-group"
+        self.topic = f"{name}.in"
         self.out = [TopicPartition(f"{name}.out", p) for p in range(PARTITIONS)]
         self.dlq = [TopicPartition(f"{name}.dlq", 0)]
         self.logs = logs / f"{case.name}-{mode}"
@@ -159,16 +168,8 @@ class CaseRun:
         return Processor(self.env, self.logs, *self.case.serve)
 
     async def setup(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics([
-                NewTopic(self.topic, PARTITIONS, 1),
-                NewTopic(self.out[0].topic, len(self.out), 1,
-                         topic_configs=dict(self.case.output_config)),
-                NewTopic(self.dlq[0].topic, len(self.dlq), 1)])
-        finally:
-            await admin.close()
+        await create_topics(self.bootstrap, self.topic, PARTITIONS, self.out, self.dlq,
+                            self.case.output_config)
         await self.producer.start()
 
     async def send(self, values: list[tuple[str | Bad, bytes]]) -> None:
@@ -217,17 +218,17 @@ class CaseRun:
         await self.until(lambda: time.monotonic() >= until, f"{seconds} s")
 
     # --- faults: each runs while items are in flight, and SIGTERMs a processor during it ---
-    async def fault_sigterm(self, tracker: Tracker) -> None:
+    async def fault_sigterm(self) -> None:
         assert self.primary is not None
         await self.sigterm(self.primary, "mid-stream")
         self.primary = self.processor()
 
-    async def fault_outage(self, tracker: Tracker) -> None:
+    async def fault_outage(self) -> None:
         """The primary rides out the outage (under exactly_once the coordinator aborts its
         open transaction past KAFKA_TRANSACTION_TIMEOUT_MS, which fences its producer); a
         second member gets SIGTERM during it."""
         second = self.processor()
-        await self.until(lambda: second.has_partitions() or second.proc.poll() is not None,
+        await self.until(second.assigned_or_exited,
                          "the second member's assignment")
         await asyncio.to_thread(broker, "stop", properties=BROKER_PROPERTIES)
         try:
@@ -242,7 +243,7 @@ class CaseRun:
                              Awaitable[None]] | None = None) -> None:
         second = self.processor()
         try:
-            await self.until(lambda: second.has_partitions() or second.proc.poll() is not None,
+            await self.until(second.assigned_or_exited,
                              "the second member's assignment")
             if during is not None:
                 await during(second)
@@ -254,10 +255,10 @@ class CaseRun:
                 self.failures.append(f"the second member exited with rc="
                                      f"{second.proc.returncode}")
 
-    async def fault_rebalance(self, tracker: Tracker) -> None:
+    async def fault_rebalance(self) -> None:
         await self._second_member(4)
 
-    async def fault_rebalance_outage(self, tracker: Tracker) -> None:
+    async def fault_rebalance_outage(self) -> None:
         assert self.primary is not None
         revoked = self.primary.log_text().count("partitions revoked")
         second = self.processor()
@@ -273,7 +274,7 @@ class CaseRun:
             if second.proc.poll() is None:
                 second.kill()
 
-    async def fault_slow(self, tracker: Tracker) -> None:
+    async def fault_slow(self) -> None:
         await self.pause(6)  # well past KAFKA_MAX_POLL_INTERVAL_MS while the model crawls
         assert self.primary is not None
         await self.sigterm(self.primary, "while the slow model works")
@@ -293,7 +294,7 @@ class CaseRun:
             await self.send(self.good(self.ids[:half]))
             await self.send([(bad, bad.value) for bad in self.bad])
             await self.until(lambda: len(tracker.ids) >= 1, "the first answer")
-            fault = asyncio.create_task(getattr(self, f"fault_{self.case.fault}")(tracker))
+            fault = asyncio.create_task(getattr(self, f"fault_{self.case.fault}")())
             await self.send(self.good(self.ids[half:]))
             await fault
             await self.until(lambda: len(tracker.ids) >= self.n
@@ -306,8 +307,7 @@ class CaseRun:
             if self.primary is not None:
                 primary = self.primary
                 with contextlib.suppress(TimeoutError):  # a SIGTERM before the model loads
-                    await self.until(lambda: primary.has_partitions()  # tests nothing
-                                     or primary.proc.poll() is not None, "the assignment")
+                    await self.until(primary.assigned_or_exited, "the assignment")
                 rc = await primary.terminate(self.shutdown_s + 60)
                 if rc != 0:
                     self.failures.append(f"the last processor exited with rc={rc} on SIGTERM "
