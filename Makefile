@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install test lint demo kafka-up kafka-down kafka-smoke chaos bench clean container-test
+.PHONY: install test lint demo kafka-up kafka-down kafka-smoke clean container-test
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,8 +20,9 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
-	$(VENV)/bin/ruff check streamproc tests bench scripts
+	$(VENV)/bin/ruff check streamproc qa tests bench scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Builds the images from nothing and runs docker-compose.yml for real (about 15 minutes; see the
 # README). Sets up a Docker engine first when this machine has none (scripts/docker_engine.sh).

@@ -9,7 +9,7 @@ The model is :func:`bench.engine.build_checkpoint`'s (bart-large-cnn's shape wit
 weights, or the tiny checkpoint); every summary is exactly ``--new-tokens`` new tokens and the
 generation settings are ``greedy`` or the checkpoint's beam search (4 beams, no-repeat 3,
 length penalty 2), applied through ``GEN_*`` as in production. Each backend is loaded through
-:func:`streamproc.summarizers.load_summarizer` (``SEQ2SEQ_BACKEND``, ``CT2_COMPUTE_TYPE``) and
+:func:`streamproc.summarize.factory.load_summarizer` (``SEQ2SEQ_BACKEND``, ``CT2_COMPUTE_TYPE``) and
 times ``summarize()`` on consecutive batches of ``--batch`` items in a plain loop: the model's
 own speed, no worker. ``fixed``: every source exactly ``--source-tokens`` tokens; ``mixed``:
 lengths drawn uniformly from 64 to ``--source-tokens`` (seeded).
@@ -55,9 +55,9 @@ from bench.engine import (
     make_texts,
     resolve_device,
 )
-from streamproc.ct2 import SharedTranslators
 from streamproc.settings import Settings
-from streamproc.summarizers import load_summarizer
+from streamproc.summarize.ct2 import SharedTranslators
+from streamproc.summarize.factory import load_summarizer
 
 __all__ = ["main", "token_agreement"]
 

@@ -15,13 +15,15 @@ from pathlib import Path
 
 import aiokafka
 import orjson
-from aiokafka import AIOKafkaConsumer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
-from streamproc.kafka_clients import broker_answers, client_options, producer_for, start_with_retry
-from streamproc.progress import Progress
+from streamproc.demo.progress import Progress
+from streamproc.errors import BrokerUnavailable
+from streamproc.kafka.clients import broker_answers, client_options, producer_for, start_with_retry
 from streamproc.settings import Settings
+from streamproc.testing import kafka as testing_kafka
+from streamproc.testing.kafka import LocalBroker
 
 __all__ = [
     "BENCH_BOOTSTRAP", "ROOT", "bench_broker", "broker_pid", "create_topics", "delete_topics",
@@ -30,19 +32,10 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-KAFKA_SH = ROOT / "scripts" / "kafka.sh"
 # The benchmarks' own broker: tests use 19092 and people 9092, so never those.
-BENCH_PORT, BENCH_CONTROLLER_PORT = 29092, 29093
+BENCH_PORT = 29092
 BENCH_BOOTSTRAP = f"127.0.0.1:{BENCH_PORT}"
-BENCH_DATA_DIR = ".kafka/bench-data"
-
-
-def _kafka_sh(verb: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KAFKA_PORT": str(BENCH_PORT),
-           "KAFKA_CONTROLLER_PORT": str(BENCH_CONTROLLER_PORT), "KAFKA_DATA_DIR": BENCH_DATA_DIR}
-    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    return subprocess.run(["bash", str(KAFKA_SH), verb], env=env, capture_output=True,
-                          text=True, check=False)
+BENCH_DATA_DIR = ROOT / ".kafka" / "bench-data"
 
 
 @contextlib.contextmanager
@@ -60,14 +53,16 @@ def bench_broker(bootstrap: str | None) -> Iterator[str]:
         return
     print(f"starting a local Kafka broker on {BENCH_BOOTSTRAP} ({BENCH_DATA_DIR}) ...",
           file=sys.stderr)
-    done = _kafka_sh("start")
-    if done.returncode != 0:
-        raise SystemExit(f"scripts/kafka.sh start failed:\n{done.stdout}{done.stderr}")
+    broker = LocalBroker(BENCH_PORT, BENCH_DATA_DIR)
+    try:
+        broker.start()
+    except BrokerUnavailable as exc:
+        raise SystemExit(str(exc)) from None
     try:
         yield BENCH_BOOTSTRAP
     finally:
         print(f"stopping the broker on {BENCH_BOOTSTRAP}", file=sys.stderr)
-        _kafka_sh("stop")
+        broker.stop()
 
 
 # --- records ---------------------------------------------------------------------------------
@@ -106,27 +101,10 @@ def feed_records(n: int, seed: int = 7) -> list[tuple[bytes, bytes]]:
 
 # --- topics ----------------------------------------------------------------------------------
 
-async def create_topics(settings: Settings, names: Sequence[str], partitions: int,
-                        timeout_s: float = 30.0) -> None:
-    """Create the topics and wait until every partition has a leader (so the first sends do
-    not bounce off ``NotLeaderForPartition``)."""
-    admin = AIOKafkaAdminClient(**client_options(settings))
-    await start_with_retry("admin client", admin.start, settings)
-    loop = asyncio.get_running_loop()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1) for name in names])
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            described = await admin.describe_topics(list(names))
-            ready = [t for t in described if t["error_code"] == 0
-                     and len(t["partitions"]) == partitions
-                     and all(p["error_code"] == 0 and p["leader"] >= 0 for p in t["partitions"])]
-            if len(ready) == len(names):
-                return
-            await asyncio.sleep(0.1)
-        raise SystemExit(f"topics {list(names)} have no leaders after {timeout_s:.0f} s")
-    finally:
-        await admin.close()
+async def create_topics(settings: Settings, names: Sequence[str], partitions: int) -> None:
+    """Create the topics, each with ``partitions``, and wait for their leaders."""
+    await testing_kafka.create_topics(client_options(settings),
+                                      dict.fromkeys(names, partitions))
 
 
 async def delete_topics(settings: Settings, names: Sequence[str]) -> None:
@@ -164,33 +142,10 @@ async def produce(settings: Settings, topic: str, records: Sequence[tuple[bytes,
         await producer.stop()
 
 
-async def read_topic(settings: Settings, topic: str, expected: int,
-                     idle_s: float = 3.0, timeout_s: float = 120.0) -> list[bytes]:
-    """Every committed record value of ``topic`` (read_committed, from the beginning): read
-    until ``expected`` arrived and then nothing more for ``idle_s``, so duplicates beyond
-    ``expected`` are seen too; give up after ``timeout_s``."""
-    consumer = AIOKafkaConsumer(topic, **client_options(settings), group_id=None,
-                                auto_offset_reset="earliest", isolation_level="read_committed",
-                                enable_auto_commit=False)
-    await start_with_retry("consumer", consumer.start, settings)
-    loop = asyncio.get_running_loop()
-    values: list[bytes] = []
-    deadline = loop.time() + timeout_s
-    quiet_since = loop.time()
-    try:
-        while loop.time() < deadline:
-            batches = await consumer.getmany(timeout_ms=250, max_records=5000)
-            got = sum(len(records) for records in batches.values())
-            for records in batches.values():
-                values.extend(record.value or b"" for record in records)
-            now = loop.time()
-            if got:
-                quiet_since = now
-            elif len(values) >= expected and now - quiet_since >= idle_s:
-                break
-    finally:
-        await consumer.stop()
-    return values
+async def read_topic(settings: Settings, topic: str) -> list[bytes]:
+    """Every committed record value of ``topic`` (read_committed), to its end."""
+    records = await testing_kafka.read_to_end(client_options(settings), topic, timeout_s=300)
+    return [record.value or b"" for record in records]
 
 
 # --- machine and commit ----------------------------------------------------------------------
@@ -200,7 +155,7 @@ def broker_pid(bootstrap: str) -> int | None:
     if bootstrap != BENCH_BOOTSTRAP:
         return None
     try:
-        pid = int((ROOT / BENCH_DATA_DIR / str(BENCH_PORT) / "kafka.pid").read_text().strip())
+        pid = int((BENCH_DATA_DIR / str(BENCH_PORT) / "kafka.pid").read_text().strip())
         process_cpu_seconds(pid)
     except (OSError, ValueError):
         return None

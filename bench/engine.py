@@ -8,9 +8,9 @@
 Model: ``--shape bart-large-cnn`` builds a checkpoint with bart-large-cnn's dimensions (d_model
 1024, 12+12 layers, 16 heads, ffn 4096, 1024 positions, vocab 50264) and random weights, saved
 with ``save_pretrained`` into a temporary directory next to the tokenizer of
-:func:`streamproc.devtools.build_tiny_model` (its ids are < 800 < vocab), so it loads through
-the production ``from_pretrained`` path. ``--shape tiny`` is the tiny checkpoint itself.
-fp16 on CUDA, fp32 on the CPU (``GPU_USE_FP16`` as in production).
+:func:`streamproc.testing.tiny_model.build_tiny_model` (its ids are < 800 < vocab), so it
+loads through the production ``from_pretrained`` path. ``--shape tiny`` is the tiny
+checkpoint itself. fp16 on CUDA, fp32 on the CPU (``GPU_USE_FP16`` as in production).
 
 Fixed work: every source is exactly ``--source-tokens`` tokens (texts tokenize to more,
 ``MAX_INPUT_TOKENS`` truncates them; checked) and every summary exactly ``--new-tokens``
@@ -24,7 +24,7 @@ settings, applied through ``GEN_*`` so the summarizer's own code path runs:
 Layouts, each ``build_worker(settings)``; ``await worker.infer_many(texts)`` is timed after
 ``start()`` returned (loading, warm-up and autotuning excluded):
 
-* ``a``: the spec's layout: replicas as the VRAM plan allows, at most 8
+* ``a``: the seed document's layout: replicas as the VRAM plan allows, at most 8
   (``MODEL_POOL_MAX_INSTANCES=8``, ``GPU_MAX_MODEL_INSTANCES`` unset, multi-instance on),
   ``GPU_BATCH_SIZE=--batch`` (48), autotune off, plain FIFO batches. The CPU has no VRAM to
   plan from: 2 replicas stand in for the plan.
@@ -86,14 +86,14 @@ from typing import Any, Literal
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+
 from bench.common import ROOT, git_commit, load_average
-from streamproc.ct2 import chosen_backend
-from streamproc.devtools import TINY_CORPUS, build_tiny_model
-from streamproc.engine import build_worker
+from streamproc.demo.progress import Progress
 from streamproc.errors import OutOfMemory
-from streamproc.progress import Progress
 from streamproc.settings import Settings
-from streamproc.summarizers import CT2Summarizer, load_summarizer
+from streamproc.summarize.ct2 import CT2Summarizer, chosen_backend
+from streamproc.summarize.factory import build_worker, load_summarizer
+from streamproc.testing.tiny_model import TINY_CORPUS, build_tiny_model
 
 __all__ = ["BART_LARGE_CNN", "GENERATION", "build_checkpoint", "main", "make_texts"]
 
@@ -122,8 +122,8 @@ GENERATION: dict[str, dict[str, Any]] = {
     "greedy": {"gen_num_beams": 1, "gen_no_repeat_ngram_size": 0},
     "checkpoint": {"gen_num_beams": 4, "gen_no_repeat_ngram_size": 3, "gen_length_penalty": 2.0},
 }
-SPEC_BATCH = 48
-SPEC_POOL_MAX = 8  # layout a on CUDA: the plan's replicas, at most this many (a large card
+SEED_BATCH = 48
+SEED_POOL_MAX = 8  # layout a on CUDA: the plan's replicas, at most this many (a large card
 # would otherwise load about 60 replicas, minutes of loading for one figure)
 CPU_STAND_IN_REPLICAS = 2
 MIXED_RANGE = (64, 1024)
@@ -586,8 +586,8 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
                  report: dict[str, Any]) -> None:
     device_ids: Literal["cpu"] | None = "cpu" if device == "cpu" else None
     gens = ["greedy", "checkpoint"] if args.gen == "both" else [args.gen]
-    spec_pool = SPEC_POOL_MAX if device == "cuda" else CPU_STAND_IN_REPLICAS
-    a_note = (f"replicas as the VRAM plan allows (pool max {SPEC_POOL_MAX})" if device == "cuda"
+    seed_pool = SEED_POOL_MAX if device == "cuda" else CPU_STAND_IN_REPLICAS
+    a_note = (f"replicas as the VRAM plan allows (pool max {SEED_POOL_MAX})" if device == "cuda"
               else f"{CPU_STAND_IN_REPLICAS} replicas standing in for the VRAM plan (CPU)")
 
     def settings(gen: str, max_tokens: int, **layout: Any) -> Settings:
@@ -600,14 +600,14 @@ async def _bench(args: argparse.Namespace, device: str, checkpoint: Path, tokeni
                         **layout)
 
     batch = args.batch
-    spec: dict[str, Any] = {
-        "gpu_batch_size": batch, "model_pool_max_instances": spec_pool,
+    seed_layout: dict[str, Any] = {
+        "gpu_batch_size": batch, "model_pool_max_instances": seed_pool,
         "gpu_max_model_instances": None, "gpu_enable_multi_model_instances": True,
         "model_pool_enabled": True, "gpu_autotune": False, "gpu_length_sort_window": 0}
     single: dict[str, Any] = {"gpu_batch_size": batch, "model_pool_max_instances": 1,
                               "gpu_autotune": False, "gpu_length_sort_window": 0}
     Layouts = dict[str, tuple[str, dict[str, Any]]]
-    layouts: Layouts = {"a": (f"a spec: {a_note}, batch {batch}", spec),
+    layouts: Layouts = {"a": (f"a seed document: {a_note}, batch {batch}", seed_layout),
                         "b": (f"b one replica, batch {batch}, FIFO", single),
                         "c": ("c streamproc defaults", {})}
     layouts = {key: value for key, value in layouts.items() if key in args.layouts}
@@ -730,8 +730,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gen", choices=("both", "greedy", "checkpoint"), default="both")
     parser.add_argument("--layouts", default="a,b,c",
                         help="which of the layouts a, b, c to run (comma-separated)")
-    parser.add_argument("--batch", type=int, default=SPEC_BATCH,
-                        help=f"GPU_BATCH_SIZE of layouts a, b and bare (default {SPEC_BATCH})")
+    parser.add_argument("--batch", type=int, default=SEED_BATCH,
+                        help=f"GPU_BATCH_SIZE of layouts a, b and bare (default {SEED_BATCH})")
     parser.add_argument("--backend", choices=("auto", "ctranslate2", "transformers"),
                         default="auto", help="SEQ2SEQ_BACKEND (default auto, as in production)")
     parser.add_argument("--ct2-cache", type=Path, default=None,

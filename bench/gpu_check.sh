@@ -120,7 +120,7 @@ import torch
 report["torch"] = {"version": torch.__version__, "cuda": torch.version.cuda,
                    "cuda_available": torch.cuda.is_available()}
 save()
-from streamproc.ct2 import preload_cublas
+from streamproc.summarize.ct2 import preload_cublas
 report["cublas12"] = preload_cublas() if device == "cuda" else "not needed on the CPU"
 import ctranslate2
 report["ctranslate2"] = {"version": ctranslate2.__version__,
@@ -133,7 +133,7 @@ except Exception as exc:
 save()
 if device == "cuda":  # the n-gram blocking that the transformers backend runs on the device
     from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
-    from streamproc.decoding import DeviceNoRepeatNGram
+    from streamproc.summarize.ngram import DeviceNoRepeatNGram
     ids = torch.randint(0, 12, (64, 40), device="cuda")
     scores = torch.randn(64, 12, device="cuda")
     ref = NoRepeatNGramLogitsProcessor(3)(ids.cpu(), scores.cpu().clone())
@@ -141,8 +141,8 @@ if device == "cuda":  # the n-gram blocking that the transformers backend runs o
         torch.equal(ref, DeviceNoRepeatNGram(3)(ids, scores.clone()).cpu()))
     save()
 import tempfile
-from streamproc.devtools import build_tiny_model
-from streamproc.ct2 import CT2Summarizer
+from streamproc.testing.tiny_model import build_tiny_model
+from streamproc.summarize.ct2 import CT2Summarizer
 with tempfile.TemporaryDirectory() as tmp:
     started = time.perf_counter()
     try:

@@ -67,13 +67,13 @@ from bench.common import (
     produce,
     read_topic,
 )
-from streamproc.engine import build_worker
-from streamproc.kafka_clients import consumer_for, producer_for, start_with_retry
-from streamproc.pipeline import StreamProcessor
-from streamproc.progress import Progress
+from streamproc.demo.progress import Progress
+from streamproc.kafka.clients import consumer_for, producer_for, start_with_retry
+from streamproc.kafka.processor import StreamProcessor
 from streamproc.service import freeze_heap
 from streamproc.settings import Settings, load_settings
-from streamproc.summarizers import split_sentences
+from streamproc.summarize.factory import build_worker
+from streamproc.summarize.sentences import split_sentences
 
 ALO, EOS = "at_least_once", "exactly_once"
 POLL_S = 0.010
@@ -305,7 +305,7 @@ async def one_run(args: argparse.Namespace, bootstrap: str, variant: str, round_
         return Result(variant, round_, len(records), start, end)
     start, end = await run_streamproc(settings, len(records), label, broker, args.stall_s,
                                       profiler)
-    values = await read_topic(settings, topics.output, len(records))
+    values = await read_topic(settings, topics.output)
     unique = verify(values, records, topics.output)
     print(f"verified: {unique} unique outputs ({topics.output})", file=sys.stderr)
     return Result(variant, round_, len(records), start, end, unique)

@@ -1,7 +1,18 @@
 """streamproc: Kafka news-feed items in, summaries out, on GPUs, continuously.
 
-The light parts (settings, records, batcher, planner, worker, errors) import eagerly; the parts
-that pull in torch or aiokafka (summarizers, engine, pipeline, service) on first use.
+The engine's names (settings, records, batcher, planner, worker, errors) import eagerly and
+bring neither torch nor aiokafka; the parts that do (the summarizer factory, the processor,
+the service) load on first use.
+
+Layers, from the bottom (``make lint`` checks them with import-linter):
+
+* ``errors``, ``records``, ``aio``, ``lifecycle``: what every layer may use;
+* :mod:`streamproc.inference`: the engine, knowing no summarizer and no Kafka;
+* ``settings``: the one settings declaration, in sections;
+* :mod:`streamproc.summarize` and :mod:`streamproc.kafka`: the models, and the Kafka layer;
+* :mod:`streamproc.ops`: HTTP endpoints, metrics, logs;
+* ``service``, ``cli``, :mod:`streamproc.demo`: the process; :mod:`streamproc.testing`:
+  helpers for users' tests.
 """
 
 from __future__ import annotations
@@ -9,7 +20,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .batcher import MicroBatcher
 from .errors import (
     BrokerUnavailable,
     ConfigError,
@@ -22,18 +32,23 @@ from .errors import (
     StreamprocError,
     WorkerClosed,
 )
-from .messages import FeedItem, SourceRef, Summary, decode_feed_item
-from .offsets import OffsetTracker
-from .planner import DeviceMemory, DevicePlan, plan_device
-from .settings import GPUConfig, Settings, load_settings
-from .tasks import TaskEnums
-from .worker import GPUWorker
+from .inference import (
+    DeviceMemory,
+    DevicePlan,
+    GPUConfig,
+    GPUWorker,
+    MicroBatcher,
+    TaskEnums,
+    plan_device,
+)
+from .records import FeedItem, SourceRef, Summary, decode_feed_item
+from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from .engine import build_worker
-    from .pipeline import StreamProcessor
+    from .kafka.processor import StreamProcessor
     from .service import run_service
-    from .summarizers import Summarizer, load_summarizer
+    from .summarize.base import Summarizer
+    from .summarize.factory import build_worker, load_summarizer
 
 __all__ = [
     "BrokerUnavailable",
@@ -49,7 +64,6 @@ __all__ = [
     "MicroBatcher",
     "ModelLoadError",
     "NoHealthyReplica",
-    "OffsetTracker",
     "OutOfMemory",
     "Settings",
     "SourceRef",
@@ -68,11 +82,11 @@ __all__ = [
 ]
 
 _LAZY = {
-    "build_worker": "engine",
-    "StreamProcessor": "pipeline",
+    "build_worker": "summarize.factory",
+    "StreamProcessor": "kafka.processor",
     "run_service": "service",
-    "Summarizer": "summarizers",
-    "load_summarizer": "summarizers",
+    "Summarizer": "summarize.base",
+    "load_summarizer": "summarize.factory",
 }
 
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import orjson
 
+from . import signals
 from .errors import ConfigError, StreamprocError
-from .logs import configure_logging
-from .settings import GPUConfig, Settings, load_settings
+from .ops.logs import configure_logging
+from .settings import Settings, load_settings
 
 __all__ = ["main"]
 
@@ -28,9 +29,9 @@ log = logging.getLogger("streamproc")
 def plan_report(settings: Settings) -> dict[str, Any]:
     """Resolved settings (secrets masked) and the replica plan of every device, before loading.
     The plan uses ``GPU_ESTIMATED_MODEL_SIZE_GB``; at start the measured footprint replaces it."""
-    from .planner import plan_device, probe_memory, resolve_devices
+    from .inference.planner import plan_device, probe_memory, resolve_devices
 
-    config = GPUConfig.from_settings(settings)
+    config = settings.gpu_config()
     plans = [plan_device(probe_memory(d), config) for d in resolve_devices(config)]
     return {"settings": settings.masked(), "model": settings.resolved_model_name,
             "plan": [p.as_dict() for p in plans], "describe": [p.describe() for p in plans]}
@@ -54,26 +55,25 @@ def cmd_plan(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    """The whole path on the bundled sample feed, offline: through Kafka (``kafka_demo``),
-    or the engine alone (``demo``)."""
-    from .demo import demo_settings, run_engine_demo
+    """The whole path on the bundled sample feed, offline: through Kafka, or the engine
+    alone."""
+    from .demo.engine_only import demo_settings, run_engine_demo
+    from .demo.through_kafka import run_kafka_demo
 
     settings = demo_settings(settings)
     if args.engine_only:
         return asyncio.run(run_engine_demo(settings))
-    from .kafka_demo import run_kafka_demo
-
     return asyncio.run(run_kafka_demo(settings))
 
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from .service import run_service
+    from .service import serve  # the service's imports take a second or more
 
-    return asyncio.run(run_service(settings))
+    return serve(settings)
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
-    from .kafka_demo import produce_file
+    from .kafka.produce import produce_file
 
     count = asyncio.run(produce_file(settings, args.file, topic=args.topic))
     print(f"produced {count} records to {args.topic or settings.kafka_input_topic}")
@@ -102,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "run":
+        signals.catch()  # before anything slow: a SIGTERM now must not kill us silently
     try:
         settings = load_settings(args.env_file)
     except ConfigError as exc:

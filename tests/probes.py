@@ -10,23 +10,13 @@ import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-BAD_RECORDS: tuple[tuple[bytes, str], ...] = (  # (value, dead-letter reason code)
-    (b"{not json", "not_json"),
-    (b"[1, 2", "not_json"),
-    (b"", "empty"),
-    (orjson.dumps({"id": "no-text"}), "missing_text"),
-    (b"\xff\xfe\xfd", "invalid_utf8"),
-)
-
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -91,14 +81,3 @@ async def eventually(probe: Callable[[], Any], done: Callable[[Any], bool], time
 def good_record(i: int) -> bytes:
     return orjson.dumps({"id": f"item-{i:03d}", "title": f"Title {i}",
                          "text": f"Story {i}. The city council approved a new budget on Tuesday."})
-
-
-async def produce(bootstrap: str, topic: str,
-                  records: Sequence[tuple[bytes, bytes | None]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    await producer.start()
-    try:
-        sends = [await producer.send(topic, value=v, key=k) for k, v in records]
-        await asyncio.wait_for(asyncio.gather(*sends), 30)
-    finally:
-        await producer.stop()

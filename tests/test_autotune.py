@@ -6,9 +6,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from streamproc.autotune import TuneReport, group_by_budget, tune_batch_size, tune_replicas
 from streamproc.errors import OutOfMemory
-from streamproc.replicas import Replica
+from streamproc.inference.calibration import (
+    TuneReport,
+    group_by_budget,
+    tune_batch_size,
+    tune_replicas,
+)
+from streamproc.inference.replicas import Replica
 
 
 def replica(index: int, model: object) -> Replica[object]:

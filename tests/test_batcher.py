@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from streamproc.batcher import MicroBatcher
 from streamproc.errors import WorkerClosed
+from streamproc.inference.batcher import MicroBatcher
 
 
 async def test_flushes_at_max_items_without_waiting_for_the_delay() -> None:

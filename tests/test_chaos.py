@@ -1,10 +1,10 @@
 """The chaos harness, short form, against the session's test broker, in both guarantees.
 
-``python -m streamproc.chaos`` runs the service as subprocesses and, while items are in
+``python -m qa.chaos`` runs the service as subprocesses and, while items are in
 flight, kills it with SIGKILL three times, lets a second processor join the group and leave
 (SIGTERM), and sends a burst of bad records; then it reads the output and DLQ topics with an
 independent read_committed consumer. Broker restarts need the harness's own broker (the long
-form, see the README); here they are 0.
+form, see CONTRIBUTING.md); here they are 0.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import REPO_ROOT
+
 pytestmark = pytest.mark.kafka
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def figures(line: str) -> dict[str, str]:
@@ -28,7 +28,7 @@ def figures(line: str) -> dict[str, str]:
 def test_chaos_short_form_both_guarantees(kafka_bootstrap: str) -> None:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "streamproc.chaos", "--n", "300", "--kills", "3",
+        [sys.executable, "-m", "qa.chaos", "--n", "300", "--kills", "3",
          "--partitions", "6", "--bad", "10", "--rebalance", "--broker-restarts", "0",
          "--guarantee", "both", "--bootstrap", kafka_bootstrap, "--seed", "1",
          "--timeout-s", "150"],

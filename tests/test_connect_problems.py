@@ -17,7 +17,7 @@ import pytest
 from aiokafka import errors
 
 from streamproc.errors import ConfigError
-from streamproc.kafka_clients import connect_problem, producer_for, start_with_retry
+from streamproc.kafka.clients import connect_problem, producer_for, start_with_retry
 from streamproc.settings import Settings, load_settings
 
 

@@ -25,9 +25,11 @@ from pathlib import Path
 import orjson
 import pytest
 
+from streamproc.testing.kafka import committed_offsets, read_to_end
+from streamproc.testing.records import BAD_RECORDS
 from tests import container_stack as cs
-from tests.kafka_broker import committed_offsets, read_all
-from tests.probes import BAD_RECORDS, aget, eventually, good_record, produce, scrape, value
+from tests.helpers import produce
+from tests.probes import aget, eventually, good_record, scrape, value
 
 pytestmark = pytest.mark.container
 
@@ -94,29 +96,29 @@ async def test_the_compose_stack_summarizes_reports_and_stops_cleanly(
                      "/readyz to answer 200", interval_s=1.0)
 
     good = [(f"item-{i}".encode(), good_record(i)) for i in range(N_GOOD)]
-    bad = [(f"bad-{i}".encode(), v) for i, (v, _) in enumerate(BAD_RECORDS)]
+    bad = [(f"bad-{i}".encode(), v) for i, (_, v, _) in enumerate(BAD_RECORDS)]
     await produce(BOOTSTRAP, INPUT, [*good, *bad])
 
-    summaries = await eventually(lambda: read_all(BOOTSTRAP, OUTPUT),
+    summaries = await eventually(lambda: read_to_end(BOOTSTRAP, OUTPUT),
                                  lambda records: len(records) >= N_GOOD, 180, "the summaries",
                                  interval_s=1.0)
     ids = Counter(orjson.loads(r.value)["id"] for r in summaries)
     assert ids == Counter(f"item-{i:03d}" for i in range(N_GOOD))
     assert all(orjson.loads(r.value)["model"] == "/models" for r in summaries)
-    dead = await eventually(lambda: read_all(BOOTSTRAP, DLQ),
+    dead = await eventually(lambda: read_to_end(BOOTSTRAP, DLQ),
                             lambda records: len(records) >= len(BAD_RECORDS), 60,
                             "the dead letters", interval_s=1.0)
-    assert sorted(r.value or b"" for r in dead) == sorted(v for v, _ in BAD_RECORDS)
+    assert sorted(r.value or b"" for r in dead) == sorted(bad.value for bad in BAD_RECORDS)
 
     samples = await scrape(METRICS_HOST_PORT)
     assert value(samples, "streamproc_summaries_produced_total") == N_GOOD
-    for reason, count in Counter(r for _, r in BAD_RECORDS).items():
+    for reason, count in Counter(bad.reason for bad in BAD_RECORDS).items():
         assert value(samples, "streamproc_dead_letters_total", reason=reason) == count, reason
 
     stack.compose("stop", "streamproc", timeout_s=120)
     state = stack.state("streamproc")
     assert state["Status"] == "exited" and state["ExitCode"] == 0, state
     ends: dict[int, int] = {}
-    for record in await read_all(BOOTSTRAP, INPUT):
+    for record in await read_to_end(BOOTSTRAP, INPUT):
         ends[record.partition] = record.offset + 1
     assert await committed_offsets(BOOTSTRAP, GROUP, INPUT) == ends

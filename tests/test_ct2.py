@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
-from streamproc.ct2 import CT2Summarizer, chosen_backend, compute_type_for, decode_options
-from streamproc.ct2_convert import NORMALIZE_BEFORE, checkpoint_key, converted_model
-from streamproc.devtools import TINY_CORPUS
 from streamproc.errors import ConfigError, ModelLoadError
-from streamproc.seq2seq import Seq2SeqSummarizer
 from streamproc.settings import Settings
-from streamproc.summarizers import load_summarizer
+from streamproc.summarize.ct2 import CT2Summarizer, chosen_backend, compute_type_for, decode_options
+from streamproc.summarize.ct2_convert import NORMALIZE_BEFORE, checkpoint_key, converted_model
+from streamproc.summarize.factory import load_summarizer
+from streamproc.summarize.seq2seq import Seq2SeqSummarizer
+from streamproc.testing.tiny_model import TINY_CORPUS
 
 TEXTS = [line for line in TINY_CORPUS.splitlines() if line.strip()][:6]
 TEXTS += ["", "Short.", " ".join(TEXTS) * 4]  # an empty text, a short one, a truncated one
@@ -196,7 +196,7 @@ def test_int8_summarizes_every_text_with_a_token_budget(
 async def test_replicas_on_a_device_share_one_translator_with_a_worker_each(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from streamproc.engine import build_worker
+    from streamproc.summarize.factory import build_worker
 
     settings = settings_for(tiny_model_dir, tmp_path, "ctranslate2", gpu_device_ids="cpu",
                             model_pool_max_instances=2, gpu_autotune=False)
@@ -213,7 +213,7 @@ async def test_replicas_on_a_device_share_one_translator_with_a_worker_each(
 async def test_calibration_leaves_the_translator_a_worker_per_replica_it_keeps(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from streamproc.engine import build_worker
+    from streamproc.summarize.factory import build_worker
 
     settings = settings_for(tiny_model_dir, tmp_path, "ctranslate2", gpu_device_ids="cpu",
                             model_pool_max_instances=2)
@@ -241,16 +241,16 @@ async def test_feed_records_round_trip_through_the_pipeline_on_ctranslate2(
 ) -> None:
     import orjson
 
-    from streamproc.engine import build_worker
-    from streamproc.pipeline import StreamProcessor
-    from tests.kafka_broker import read_all
-    from tests.pipeline_helpers import running
-    from tests.test_pipeline_kafka import Answers, create_topics, feed_item, make_settings, produce
+    from streamproc.kafka.processor import StreamProcessor
+    from streamproc.summarize.factory import build_worker
+    from streamproc.testing.kafka import read_to_end
+    from tests.helpers import produce, running, service_topics
+    from tests.test_pipeline_kafka import Answers, feed_item, make_settings
 
     n = 40
     settings = make_settings(kafka_bootstrap, summarizer="seq2seq", model_name=str(tiny_model_dir),
                              seq2seq_backend="ctranslate2", ct2_cache_dir=str(tmp_path))
-    await create_topics(settings)
+    await service_topics(settings)
     items = [feed_item(i, "ct2") for i in range(n)]
     await produce(kafka_bootstrap, settings.kafka_input_topic,
                   [(item_id.encode(), value) for item_id, value in items])
@@ -261,7 +261,7 @@ async def test_feed_records_round_trip_through_the_pipeline_on_ctranslate2(
             isinstance(replica.model, CT2Summarizer) for replica in worker.replicas)
         await answers.wait_until(lambda: answers.count() >= n, 120, f"{n} answers")
     summaries = [orjson.loads(r.value) for r in
-                 await read_all(kafka_bootstrap, settings.kafka_output_topic)]
+                 await read_to_end(kafka_bootstrap, settings.kafka_output_topic)]
     assert sorted(s["id"] for s in summaries) == sorted(item_id for item_id, _ in items)
     assert all(isinstance(s["summary"], str) and s["summary"] for s in summaries)
-    assert await read_all(kafka_bootstrap, settings.kafka_dlq_topic) == []
+    assert await read_to_end(kafka_bootstrap, settings.kafka_dlq_topic) == []

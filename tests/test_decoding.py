@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from streamproc.decoding import DeviceNoRepeatNGram
+from streamproc.summarize.ngram import DeviceNoRepeatNGram
 
 
 @pytest.mark.parametrize("ngram", [1, 2, 3, 4])

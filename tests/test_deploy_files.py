@@ -184,7 +184,7 @@ def _k8s_env(docs: list[dict[str, Any]]) -> dict[str, str]:
     """The container's literal environment: the ConfigMaps of envFrom (declared in these
     manifests), then ``env`` values on top, as Kubernetes resolves them. Secret refs are left
     out (see _secret_env)."""
-    container = _container(_one(docs, "Deployment"))
+    container = _container(_one(docs, "StatefulSet"))
     config_maps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
@@ -200,7 +200,7 @@ def _k8s_env(docs: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def _secret_env(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    container = _container(_one(docs, "Deployment"))
+    container = _container(_one(docs, "StatefulSet"))
     return {v["name"]: v["valueFrom"]["secretKeyRef"] for v in container.get("env", [])
             if "secretKeyRef" in v.get("valueFrom", {})}
 
@@ -218,7 +218,7 @@ def _setting(env: dict[str, str], name: str) -> Any:
 
 def test_k8s_manifests_parse_and_declare_the_pieces() -> None:
     kinds = [d["kind"] for d in _k8s_docs()]
-    for kind in ("ConfigMap", "Deployment", "ScaledObject"):
+    for kind in ("ConfigMap", "Service", "StatefulSet", "ScaledObject"):
         assert kind in kinds, kinds
 
 
@@ -234,8 +234,8 @@ def test_k8s_configured_variables_are_real_settings_that_parse() -> None:
     Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
 
 
-def test_k8s_deployment_runs_the_image_with_run() -> None:
-    deployment = _one(_k8s_docs(), "Deployment")
+def test_k8s_statefulset_runs_the_image_with_run() -> None:
+    deployment = _one(_k8s_docs(), "StatefulSet")
     assert deployment["apiVersion"] == "apps/v1"
     spec = deployment["spec"]
     labels = spec["template"]["metadata"]["labels"]
@@ -248,8 +248,8 @@ def test_k8s_deployment_runs_the_image_with_run() -> None:
     assert [*entrypoint, *container["args"]] == ["streamproc", "run"]
 
 
-def test_k8s_deployment_gpu_and_resources() -> None:
-    resources = _container(_one(_k8s_docs(), "Deployment"))["resources"]
+def test_k8s_statefulset_gpu_and_resources() -> None:
+    resources = _container(_one(_k8s_docs(), "StatefulSet"))["resources"]
     assert str(resources["limits"]["nvidia.com/gpu"]) == "1"
     for section in ("requests", "limits"):
         for resource in ("cpu", "memory"):
@@ -258,7 +258,7 @@ def test_k8s_deployment_gpu_and_resources() -> None:
 
 def test_k8s_probes_on_the_metrics_port() -> None:
     docs = _k8s_docs()
-    deployment = _one(docs, "Deployment")
+    deployment = _one(docs, "StatefulSet")
     container = _container(deployment)
     port = int(_setting(_k8s_env(docs), "metrics_port"))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -291,10 +291,10 @@ def test_k8s_probes_on_the_metrics_port() -> None:
 
 def test_k8s_grace_period_exceeds_shutdown_timeout() -> None:
     docs = _k8s_docs()
-    container = _container(_one(docs, "Deployment"))
+    container = _container(_one(docs, "StatefulSet"))
     assert any(v["name"] == "SHUTDOWN_TIMEOUT_S" for v in container.get("env", []))
     shutdown_timeout_s = float(_setting(_k8s_env(docs), "shutdown_timeout_s"))
-    grace = _one(docs, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    grace = _one(docs, "StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > shutdown_timeout_s, (grace, shutdown_timeout_s)
 
 
@@ -308,7 +308,7 @@ def test_k8s_sasl_password_from_an_optional_secret() -> None:
 
 
 def test_k8s_runs_as_non_root() -> None:
-    deployment = _one(_k8s_docs(), "Deployment")
+    deployment = _one(_k8s_docs(), "StatefulSet")
     pod = deployment["spec"]["template"]["spec"].get("securityContext", {})
     container = _container(deployment).get("securityContext", {})
     merged = {**pod, **container}
@@ -318,15 +318,15 @@ def test_k8s_runs_as_non_root() -> None:
     assert "10001" in DOCKERFILE.read_text(encoding="utf-8")
 
 
-def test_keda_scaledobject_scales_the_deployment_on_lag() -> None:
+def test_keda_scaledobject_scales_the_statefulset_on_lag() -> None:
     docs = _k8s_docs()
     env = _k8s_env(docs)
-    deployment = _one(docs, "Deployment")
+    deployment = _one(docs, "StatefulSet")
     scaled = _one(docs, "ScaledObject")
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     target = scaled["spec"]["scaleTargetRef"]
     assert target["name"] == deployment["metadata"]["name"]
-    assert target.get("kind", "Deployment") == "Deployment"
+    assert target["kind"] == "StatefulSet"
     triggers = [t for t in scaled["spec"]["triggers"] if t["type"] == "kafka"]
     assert len(triggers) == 1, scaled["spec"]["triggers"]
     meta = triggers[0]["metadata"]
@@ -346,3 +346,26 @@ def test_keda_max_replicas_is_the_partition_count() -> None:
     spec = _one(docs, "ScaledObject")["spec"]
     assert spec["minReplicaCount"] == 1
     assert spec["maxReplicaCount"] == partitions
+
+
+def test_k8s_static_membership_from_the_pods_stable_name() -> None:
+    """Each pod joins the group as a static member named after itself: a StatefulSet's pod
+    keeps its name through a restart, so it rejoins under the same id with no rebalance. The
+    timeouts let a restart fit, and the rebalance timing fits the settings."""
+    from streamproc.kafka.group import rebalance_problems
+    from streamproc.settings import Settings
+
+    docs = _k8s_docs()
+    workload = _one(docs, "StatefulSet")
+    env = {v["name"]: v for v in _container(workload).get("env", [])}
+    field = env["KAFKA_GROUP_INSTANCE_ID"]["valueFrom"]["fieldRef"]["fieldPath"]
+    assert field == "metadata.name"
+    service = _one(docs, "Service")
+    assert workload["spec"]["serviceName"] == service["metadata"]["name"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert workload["spec"]["podManagementPolicy"] == "Parallel"
+    overrides: dict[str, Any] = {k.lower(): v for k, v in _k8s_env(docs).items()}
+    settings = Settings(_env_file=None, kafka_group_instance_id="streamproc-0",  # type: ignore[call-arg]
+                        **overrides)
+    assert rebalance_problems(settings) == []
+    assert settings.kafka_session_timeout_ms >= 60_000  # a restart, not a blink

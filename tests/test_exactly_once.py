@@ -8,118 +8,46 @@ every id exactly once, and the group's committed offsets at the end of the input
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.structs import TopicPartition
 
-from streamproc.engine import SummaryWorker
-from streamproc.kafka_clients import producer_for
-from streamproc.partition import Phase
-from streamproc.pipeline import StreamProcessor
+from streamproc.kafka.clients import producer_for
+from streamproc.kafka.exactly_once import ExactlyOnceSink
+from streamproc.kafka.partition import Phase
+from streamproc.kafka.processor import StreamProcessor
 from streamproc.settings import Settings
-from streamproc.sinks import ExactlyOnceSink
-from tests.kafka_broker import committed_offsets, create_topic, read_all, unique_topic
-from tests.pipeline_helpers import identity_worker, running
+from streamproc.summarize.base import SummaryWorker
+from streamproc.testing.kafka import read_to_end
+from tests.helpers import (
+    committed,
+    end_offsets,
+    identity_worker,
+    items,
+    never_retrieved,
+    output_ids,
+    produce,
+    running,
+    running_processor,
+    service_topics,
+    settings_for,
+    wait_for,
+    wait_for_output,
+)
 
 pytestmark = pytest.mark.kafka
 
 
 def eos_settings(bootstrap: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "kafka_bootstrap_servers": bootstrap,
-        "kafka_input_topic": unique_topic("eos-in"),
-        "kafka_output_topic": unique_topic("eos-out"),
-        "kafka_dlq_topic": unique_topic("eos-dlq"),
-        "kafka_group_id": unique_topic("eos-group"),
-        "kafka_transactional_id_prefix": unique_topic("eos-txn"),
-        "processing_guarantee": "exactly_once",
-        "kafka_commit_interval_ms": 200,
-        "kafka_max_poll_records": 100,
-        "kafka_connect_timeout_s": 15,
-        "shutdown_timeout_s": 20,
-        "summarizer": "identity",
-        "gpu_device_ids": "cpu",
-        "gpu_enable_warmup": False,
-        "metrics_port": 0,
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    return settings_for(bootstrap, "exactly_once", **overrides)
 
 
 def eos_worker(delay_s: float = 0.0) -> SummaryWorker:
     return identity_worker(delay_s=delay_s, max_delay_ms=10)
-
-
-def items(n: int, prefix: str) -> list[tuple[bytes, bytes]]:
-    return [(f"{prefix}-{i:04d}".encode(),
-             orjson.dumps({"id": f"{prefix}-{i:04d}", "text": f"Story {i} happened. Then more."}))
-            for i in range(n)]
-
-
-async def setup_topics(settings: Settings, partitions: int) -> None:
-    await create_topic(settings.kafka_bootstrap_servers, settings.kafka_input_topic, partitions)
-    await create_topic(settings.kafka_bootstrap_servers, settings.kafka_output_topic, 1)
-    await create_topic(settings.kafka_bootstrap_servers, settings.kafka_dlq_topic, 1)
-
-
-async def produce(bootstrap: str, topic: str, records: Sequence[tuple[bytes, bytes]]) -> dict[
-        int, int]:
-    """Send the records; returns the end offset of every partition written to."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
-    await producer.start()
-    try:
-        sent = [await producer.send(topic, value=v, key=k) for k, v in records]
-        metadata = await asyncio.wait_for(asyncio.gather(*sent), 30)
-    finally:
-        await producer.stop()
-    ends: dict[int, int] = {}
-    for m in metadata:
-        ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
-    return ends
-
-
-async def committed(settings: Settings) -> dict[int, int]:
-    return await committed_offsets(settings.kafka_bootstrap_servers, settings.kafka_group_id,
-                                   settings.kafka_input_topic)
-
-
-async def output_ids(settings: Settings, isolation_level: str = "read_committed") -> Counter[str]:
-    records = await read_all(settings.kafka_bootstrap_servers, settings.kafka_output_topic,
-                             isolation_level=isolation_level)
-    return Counter(orjson.loads(r.value)["id"] for r in records)
-
-
-async def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def wait_for_output(settings: Settings, n: int, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while sum((await output_ids(settings)).values()) < n:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {n} committed outputs")
-        await asyncio.sleep(0.3)
-
-
-@asynccontextmanager
-async def running_processor(settings: Settings, worker: SummaryWorker | None = None
-                            ) -> AsyncIterator[StreamProcessor]:
-    """A started processor with ``run()`` in a task; on exit: stop, drain, commit, close."""
-    async with worker or eos_worker() as started_worker:
-        processor = StreamProcessor(settings, started_worker)
-        async with running(processor):
-            yield processor
 
 
 # --- round trip ----------------------------------------------------------------------------
@@ -128,15 +56,15 @@ async def running_processor(settings: Settings, worker: SummaryWorker | None = N
 async def test_round_trip_every_id_exactly_once_and_offsets_committed(
         kafka_bootstrap: str) -> None:
     settings = eos_settings(kafka_bootstrap)
-    await setup_topics(settings, 3)
+    await service_topics(settings, 3)
     sent = items(300, "rt")
-    ends = await produce(kafka_bootstrap, settings.kafka_input_topic, sent)
+    ends = end_offsets(await produce(kafka_bootstrap, settings.kafka_input_topic, sent))
     assert sorted(ends) == [0, 1, 2]
     async with running_processor(settings) as processor:
         await wait_for_output(settings, len(sent))
     ids = await output_ids(settings)
     assert ids == Counter(k.decode() for k, _ in sent)  # every id, exactly once
-    assert await read_all(kafka_bootstrap, settings.kafka_dlq_topic) == []
+    assert await read_to_end(kafka_bootstrap, settings.kafka_dlq_topic) == []
     assert await committed(settings) == ends
     assert processor.stats.produced == len(sent) and processor.stats.commits > 0
 
@@ -145,7 +73,7 @@ async def test_round_trip_every_id_exactly_once_and_offsets_committed(
 
 
 async def test_a_fenced_partition_drops_its_work_then_recovers_when_still_assigned(
-        kafka_bootstrap: str) -> None:
+        kafka_bootstrap: str, caplog: pytest.LogCaptureFixture) -> None:
     """A holds results for its partition in its open buffer (long commit interval). Another
     producer starts the partition's transactional id, as a new owner would: A's next commit
     fails with ProducerFenced, writes nothing, commits no offset and drops its work, and the
@@ -154,7 +82,8 @@ async def test_a_fenced_partition_drops_its_work_then_recovers_when_still_assign
     producer, rewinds, and the partition is processed once, in full."""
     settings = eos_settings(kafka_bootstrap, kafka_commit_interval_ms=600_000,
                             kafka_session_timeout_ms=6000)
-    await setup_topics(settings, 1)
+    await service_topics(settings, 1)
+    never_retrieved([])  # what earlier tests left behind is collected now
     tp = TopicPartition(settings.kafka_input_topic, 0)
     first = items(20, "fenced")
     await produce(kafka_bootstrap, settings.kafka_input_topic, first)
@@ -171,6 +100,7 @@ async def test_a_fenced_partition_drops_its_work_then_recovers_when_still_assign
             partition = processor.partition(tp)
             assert partition is not None and partition.phase is Phase.SEEKING  # paused
             assert sink.buffered(tp) == 0  # its work is dropped ...
+            assert processor.in_flight() == 0  # ... and holds back no fetch while it waits
             assert processor.stats.produced == 0 and sink.stats.commits == 0
             assert await output_ids(settings) == Counter()  # nothing visible
             assert await committed(settings) == {}  # and no offset committed
@@ -186,13 +116,15 @@ async def test_a_fenced_partition_drops_its_work_then_recovers_when_still_assign
         assert processor.stats.produced == len(first) + len(late)
     assert await output_ids(settings) == Counter(k.decode() for k, _ in first + late)
     assert await committed(settings) == {0: len(first) + len(late)}
+    assert never_retrieved(caplog.records) == []  # the fenced producer's own futures
 
 
 def test_transactional_ids_carry_the_group_id() -> None:
     """Two groups reading one topic with the same prefix never fence each other."""
     tp = TopicPartition("feeds", 3)
     ids = {ExactlyOnceSink(eos_settings("127.0.0.1:1", kafka_group_id=group), None, None,
-                           None, lambda e: None).transactional_id(tp)  # type: ignore[arg-type]
+                           None, lambda e: None,  # type: ignore[arg-type]
+                           commit_early_at=1).transactional_id(tp)
            for group in ("a", "b")}
     assert len(ids) == 2 and all(i.endswith("-feeds-3") for i in ids)
 
@@ -205,7 +137,7 @@ async def test_a_member_joining_and_leaving_mid_transaction_loses_and_repeats_no
     """Items keep flowing (commits every 500 ms, so transactions are open at every moment)
     while a second processor joins the group, answers some, and leaves."""
     settings = eos_settings(kafka_bootstrap, kafka_commit_interval_ms=500)
-    await setup_topics(settings, 4)
+    await service_topics(settings, 4)
     sent = items(800, "reb")
     ends: dict[int, int] = {}
     fed = 0
@@ -217,9 +149,9 @@ async def test_a_member_joining_and_leaving_mid_transaction_loses_and_repeats_no
         try:
             while fed < upto:
                 chunk, fed = sent[fed:fed + 20], min(fed + 20, upto)
-                for m in await asyncio.gather(*[await producer.send(
-                        settings.kafka_input_topic, value=v, key=k) for k, v in chunk]):
-                    ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
+                for partition, end in end_offsets(await asyncio.gather(*[await producer.send(
+                        settings.kafka_input_topic, value=v, key=k) for k, v in chunk])).items():
+                    ends[partition] = max(ends.get(partition, 0), end)
                 await asyncio.sleep(0.05)
         finally:
             await producer.stop()
@@ -253,7 +185,7 @@ async def test_an_aborted_transaction_is_seen_by_read_uncommitted_only(
     the partition rewound. read_uncommitted readers see the aborted copies as well;
     read_committed readers see every id exactly once."""
     settings = eos_settings(kafka_bootstrap)
-    await setup_topics(settings, 1)
+    await service_topics(settings, 1)
     sent = items(30, "abort")
     await produce(kafka_bootstrap, settings.kafka_input_topic, sent)
     original = AIOKafkaProducer.send_offsets_to_transaction
@@ -273,4 +205,51 @@ async def test_an_aborted_transaction_is_seen_by_read_uncommitted_only(
     assert failures and await output_ids(settings) == expected
     uncommitted = await output_ids(settings, "read_uncommitted")
     assert set(uncommitted) == set(expected) and sum(uncommitted.values()) > len(sent)
+    assert await committed(settings) == {0: len(sent)}
+
+
+# --- never an offset past an unwritten output ----------------------------------------------
+
+
+async def test_a_transaction_failing_mid_drain_never_commits_past_the_records_it_dropped(
+        kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path by which the rebalance storm lost records (issue 19, item 0). A partition
+    drains (here on SIGTERM; in the storm on revoke) and a transaction fails for a reason not
+    its records' own. The sink drops the partition's buffer, but a DRAINING partition is not
+    rewound: its emitter goes on adding the records after the dropped ones, and the next
+    transaction (through a new producer) committed the offset past all of them. Whatever
+    fails, every record below the committed offset must have its output, and the next owner
+    must write each of the others exactly once."""
+    settings = eos_settings(kafka_bootstrap, kafka_commit_interval_ms=100)
+    await service_topics(settings, 1)
+    sent = items(60, "drain")
+    await produce(kafka_bootstrap, settings.kafka_input_topic, sent)
+    original = AIOKafkaProducer.send_offsets_to_transaction
+    draining: list[bool] = []
+    injected: list[Any] = []
+
+    async def fail_once_while_draining(self: AIOKafkaProducer, offsets: Any,
+                                       group_id: str) -> None:
+        if draining and not injected:
+            injected.append(offsets)
+            raise KafkaError("injected: the transaction fails mid-drain")
+        await original(self, offsets, group_id)
+
+    monkeypatch.setattr(AIOKafkaProducer, "send_offsets_to_transaction",
+                        fail_once_while_draining)
+    async with identity_worker(delay_s=0.05, batch_size=2, max_delay_ms=5) as worker:
+        processor = StreamProcessor(settings, worker)
+        async with running(processor):
+            await wait_for(lambda: processor.stats.produced >= 10, "the first answers")
+            draining.append(True)
+            processor.request_stop()  # every partition goes DRAINING; results keep coming
+    assert injected, "the injected failure did not land during the drain"
+    position = (await committed(settings)).get(0, 0)
+    written = await output_ids(settings)
+    unwritten = [k.decode() for k, _ in sent[:position] if written[k.decode()] == 0]
+    assert unwritten == [], f"committed {position} past {len(unwritten)} unwritten outputs"
+
+    async with running_processor(settings):  # the next owner writes the rest
+        await wait_for_output(settings, len(sent))
+    assert await output_ids(settings) == Counter(k.decode() for k, _ in sent)
     assert await committed(settings) == {0: len(sent)}

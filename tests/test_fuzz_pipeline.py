@@ -13,12 +13,13 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from streamproc.engine import build_worker
 from streamproc.errors import InvalidRecord
-from streamproc.messages import decode_feed_item
-from streamproc.pipeline import StreamProcessor
+from streamproc.kafka.processor import StreamProcessor
+from streamproc.records import decode_feed_item
 from streamproc.settings import Settings
-from tests.kafka_broker import create_topic, read_all, unique_topic
+from streamproc.summarize.factory import build_worker
+from streamproc.testing.kafka import create_topics, read_to_end
+from tests.helpers import unique_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -71,8 +72,8 @@ async def run_through_pipeline(bootstrap: str, batch: list[bytes]) -> None:
         gpu_max_delay_ms=10, metrics_port=0,
     )
     for name in (config.kafka_input_topic, config.kafka_output_topic, config.kafka_dlq_topic):
-        await create_topic(bootstrap, name, 1)
-    from streamproc.kafka_demo import produce_values
+        await create_topics(bootstrap, {name: 1})
+    from streamproc.kafka.produce import produce_values
 
     await produce_values(config, config.kafka_input_topic, [(None, value) for value in batch])
     async with build_worker(config) as worker, StreamProcessor(config, worker) as processor:
@@ -84,8 +85,8 @@ async def run_through_pipeline(bootstrap: str, batch: list[bytes]) -> None:
             await asyncio.sleep(0.05)
         processor.request_stop()
         await asyncio.wait_for(runner, 30)
-    outputs = await read_all(bootstrap, config.kafka_output_topic)
-    dead = await read_all(bootstrap, config.kafka_dlq_topic)
+    outputs = await read_to_end(bootstrap, config.kafka_output_topic)
+    dead = await read_to_end(bootstrap, config.kafka_dlq_topic)
     answered: dict[int, str] = {}
     for record in outputs:
         offset = orjson.loads(record.value)["source"]["offset"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kafka_broker import REPO_ROOT, TEST_PORT
+from tests.helpers import REPO_ROOT, TEST_PORT, build_wheel
 
 pytestmark = [pytest.mark.slow, pytest.mark.kafka]
 
@@ -22,17 +22,14 @@ def run(*args: str | Path, **kwargs: object) -> subprocess.CompletedProcess[str]
 
 
 def test_an_installed_package_runs_the_demo_with_its_own_broker(tmp_path: Path) -> None:
-    wheels, venv, cwd = tmp_path / "wheels", tmp_path / "venv", tmp_path / "elsewhere"
+    venv, cwd = tmp_path / "venv", tmp_path / "elsewhere"
     cwd.mkdir()
-    built = run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                "-w", wheels, REPO_ROOT)
-    assert built.returncode == 0, built.stderr
+    wheel = build_wheel(tmp_path / "wheels")
     assert run(sys.executable, "-m", "venv", venv).returncode == 0
     # The dependencies come from this venv's site-packages (as a plain path, so its editable
     # streamproc is not picked up); streamproc itself is the wheel.
     site = next((venv / "lib").glob("python3*/site-packages"))
     (site / "streamproc-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    wheel = next(wheels.glob("streamproc-*.whl"))
     installed = run(venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-deps", wheel)
     assert installed.returncode == 0, installed.stderr
     where = run(venv / "bin" / "python", "-c", "import streamproc; print(streamproc.__file__)",
@@ -49,5 +46,5 @@ def test_an_installed_package_runs_the_demo_with_its_own_broker(tmp_path: Path) 
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert f"starting a local Kafka broker on 127.0.0.1:{port}" in demo.stderr
     assert "== 10 summaries" in demo.stdout and "== 6 dead letters ==" in demo.stdout
-    assert run("bash", site / "streamproc" / "data" / "kafka" / "kafka.sh", "status",
+    assert run("bash", site / "streamproc" / "testing" / "data" / "kafka" / "kafka.sh", "status",
                env={**env, "KAFKA_PORT": str(port)}).returncode == 1, "the demo stopped it"

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 from aiokafka import errors
 
-from streamproc.logs import configure_logging
+from streamproc.ops.logs import configure_logging
 from streamproc.settings import load_settings
 
 

@@ -1,5 +1,5 @@
 """The fault matrix, short form: every case in both guarantees against the harness's own
-broker (it restarts it), with fewer items than the long form (see the README)."""
+broker (it restarts it), with fewer items than the long form (see CONTRIBUTING.md)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from streamproc.matrix import CASES
-from tests.kafka_broker import REPO_ROOT
+from qa.matrix import CASES
+from tests.helpers import REPO_ROOT
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -21,7 +21,7 @@ def figures(line: str) -> dict[str, str]:
 
 def test_fault_matrix_short_form_every_case_in_both_guarantees() -> None:
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "streamproc.matrix", "--n", "80"],
+    done = subprocess.run([sys.executable, "-m", "qa.matrix", "--n", "80"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800,
                           check=False)
     context = (f"rc={done.returncode} after {time.monotonic() - started:.0f} s\n"

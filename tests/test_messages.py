@@ -6,7 +6,7 @@ import orjson
 import pytest
 
 from streamproc.errors import InvalidRecord
-from streamproc.messages import SourceRef, Summary, decode_feed_item
+from streamproc.records import SourceRef, Summary, decode_feed_item
 
 
 def decode(value: bytes | None, limit: int = 1000) -> object:

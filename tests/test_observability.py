@@ -24,22 +24,21 @@ from pathlib import Path
 
 import pytest
 
-from streamproc.engine import build_worker
 from streamproc.errors import DeliveryFailed
-from streamproc.observability import Observability
-from streamproc.pipeline import StreamProcessor
+from streamproc.kafka.processor import StreamProcessor
+from streamproc.ops.http import OpsServer
 from streamproc.settings import Settings
-from tests.kafka_broker import read_all, unique_topic
-from tests.pipeline_helpers import identity_worker
+from streamproc.summarize.factory import build_worker
+from streamproc.testing.kafka import read_to_end
+from streamproc.testing.records import BAD_RECORDS
+from tests.helpers import identity_worker, produce, unique_topic
 from tests.probes import (
-    BAD_RECORDS,
     Samples,
     aget,
     eventually,
     free_port,
     good_record,
     lag_by_partition,
-    produce,
     scrape,
     value,
 )
@@ -65,7 +64,7 @@ async def test_metrics_count_what_went_through(kafka_bootstrap: str) -> None:
         shutdown_timeout_s=10)
     worker = build_worker(settings)
     processor = StreamProcessor(settings, worker)
-    async with (asyncio.timeout(60), Observability(settings, worker, processor) as obs, worker,
+    async with (asyncio.timeout(60), OpsServer(settings, worker, processor) as obs, worker,
                 processor):
         port = obs.port
         assert port == settings.metrics_port
@@ -78,7 +77,7 @@ async def test_metrics_count_what_went_through(kafka_bootstrap: str) -> None:
             assert (await aget(port, "/nope") or (0,))[0] == 404
             before = await scrape(port)
 
-            bad = [(f"bad-{i}".encode(), v) for i, (v, _) in enumerate(BAD_RECORDS)]
+            bad = [(f"bad-{i}".encode(), v) for i, (_, v, _) in enumerate(BAD_RECORDS)]
             good = [(f"item-{i}".encode(), good_record(i)) for i in range(n_good)]
             await produce(kafka_bootstrap, settings.kafka_input_topic, [*good, *bad])
             total = n_good + len(bad)
@@ -107,7 +106,7 @@ async def test_metrics_count_what_went_through(kafka_bootstrap: str) -> None:
     assert moved("streamproc_items_consumed_total") == total
     assert moved("streamproc_summaries_produced_total") == n_good
     expected: dict[str, int] = {}
-    for _, reason in BAD_RECORDS:
+    for _, _, reason in BAD_RECORDS:
         expected[reason] = expected.get(reason, 0) + 1
     for reason, count in expected.items():
         assert moved("streamproc_dead_letters_total", reason=reason) == count, reason
@@ -135,8 +134,8 @@ async def test_metrics_count_what_went_through(kafka_bootstrap: str) -> None:
         after, "streamproc_backpressure_seconds_total")
     assert stopping is not None and stopping[0] == 503 and "shutting down" in stopping[1]
     # And the topics hold what the counters say.
-    assert len(await read_all(kafka_bootstrap, settings.kafka_output_topic)) == n_good
-    assert len(await read_all(kafka_bootstrap, settings.kafka_dlq_topic)) == len(bad)
+    assert len(await read_to_end(kafka_bootstrap, settings.kafka_output_topic)) == n_good
+    assert len(await read_to_end(kafka_bootstrap, settings.kafka_dlq_topic)) == len(bad)
 
 
 # --- 2. readiness lifecycle of `streamproc run` ----------------------------------------------
@@ -244,7 +243,7 @@ async def test_readiness_follows_load_join_and_sigterm(
     assert shutting, f"never saw 503 'shutting down' after SIGTERM: {after_term[:5]}"
     assert all(status == 503 for status, _ in after_term[shutting[0]:]), after_term
     # The drain finished the work in hand before the exit.
-    assert len(await read_all(kafka_bootstrap, output_topic)) == n
+    assert len(await read_to_end(kafka_bootstrap, output_topic)) == n
 
 
 def test_a_metrics_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
@@ -274,7 +273,7 @@ async def test_liveness_fails_with_its_reason_when_no_replica_is_healthy_or_a_fa
     await worker.start()
     processor = StreamProcessor(settings, worker)
     try:
-        health = Observability(settings, worker, processor)
+        health = OpsServer(settings, worker, processor)
         assert health.liveness() == (True, "ok")
         processor.fatal = DeliveryFailed("feeds-0: not acknowledged within "
                                          "KAFKA_DELIVERY_TIMEOUT_MS")

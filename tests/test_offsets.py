@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamproc.offsets import OffsetTracker
+from streamproc.kafka.offsets import OffsetTracker
 
 
 def test_commits_only_the_contiguous_completed_prefix() -> None:
@@ -36,3 +36,15 @@ def test_out_of_order_registration_is_a_bug() -> None:
     tracker.add(3)
     with pytest.raises(ValueError):
         tracker.add(3)
+
+
+def test_leads_only_the_oldest_open_offsets_with_none_skipped() -> None:
+    tracker = OffsetTracker(10)
+    for offset in (10, 11, 12, 15):
+        tracker.add(offset)
+    assert tracker.leads([10]) and tracker.leads([10, 11, 12, 15])
+    assert not tracker.leads([11, 12])  # 10 is open: committing 13 would pass it
+    assert not tracker.leads([10, 12]) and not tracker.leads([])
+    assert not tracker.leads([10, 11, 12, 15, 16])  # 16 was never registered
+    tracker.complete(10)
+    assert tracker.leads([11, 12])

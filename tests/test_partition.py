@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
 
-from streamproc.partition import Entry, Partition, Phase
+from streamproc.kafka.partition import Entry, Partition, Phase
 
 TP = TopicPartition("in", 0)
 

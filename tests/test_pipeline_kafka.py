@@ -21,23 +21,17 @@ from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
-from streamproc import intake
-from streamproc.engine import build_worker
 from streamproc.errors import RebalanceFailed
-from streamproc.partition import Partition, Phase
-from streamproc.pipeline import StreamProcessor
+from streamproc.kafka import intake
+from streamproc.kafka.partition import Partition, Phase
+from streamproc.kafka.processor import StreamProcessor
 from streamproc.settings import Settings
-from tests.kafka_broker import (
-    committed_offsets,
-    create_topic,
-    partitions_of,
-    read_all,
-    unique_topic,
-)
-from tests.pipeline_helpers import identity_worker, running
+from streamproc.summarize.factory import build_worker
+from streamproc.testing.kafka import committed_offsets, partitions_of, read_to_end
+from tests.helpers import identity_worker, produce, running, service_topics, unique_topic
 
 pytestmark = pytest.mark.kafka
 
@@ -86,29 +80,6 @@ def make_settings(bootstrap: str, **overrides: Any) -> Settings:
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
-async def create_topics(settings: Settings, input_partitions: int = 3) -> None:
-    """Input with ``input_partitions``; output and DLQ with ONE partition each, so the
-    order in which the processor produced its answers is the order they are read in."""
-    bootstrap = settings.kafka_bootstrap_servers
-    await create_topic(bootstrap, settings.kafka_input_topic, input_partitions)
-    await create_topic(bootstrap, settings.kafka_output_topic, 1)
-    await create_topic(bootstrap, settings.kafka_dlq_topic, 1)
-
-
-async def produce(bootstrap: str, topic: str,
-                  records: Sequence[tuple[bytes | None, bytes | None]]) -> list[Any]:
-    """Send ``(key, value)`` pairs in order; returns each record's metadata (partition,
-    offset). A key spreads records over partitions by hash; no key picks one at random."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                enable_idempotence=True, linger_ms=5)
-    await producer.start()
-    try:
-        deliveries = [await producer.send(topic, value=value, key=key) for key, value in records]
-        return list(await asyncio.wait_for(asyncio.gather(*deliveries), 30))
-    finally:
-        await producer.stop()
 
 
 def end_offsets(metadata: Sequence[Any]) -> dict[int, int]:
@@ -195,7 +166,7 @@ async def test_round_trip_every_item_once_in_order_and_committed(
         kafka_bootstrap: str, tiny_model_dir: Path) -> None:
     n = 500
     settings = seq2seq_settings(kafka_bootstrap, tiny_model_dir)
-    await create_topics(settings)
+    await service_topics(settings)
     items = [feed_item(i) for i in range(n)]
     metadata = await produce(kafka_bootstrap, settings.kafka_input_topic,
                              [(item_id.encode(), value) for item_id, value in items])
@@ -209,8 +180,8 @@ async def test_round_trip_every_item_once_in_order_and_committed(
                 Answers(settings) as answers, running(processor)):
         await answers.wait_until(lambda: answers.count() >= n, 180, f"{n} answers")
 
-    outputs = await read_all(kafka_bootstrap, settings.kafka_output_topic)
-    assert await read_all(kafka_bootstrap, settings.kafka_dlq_topic) == []
+    outputs = await read_to_end(kafka_bootstrap, settings.kafka_output_topic)
+    assert await read_to_end(kafka_bootstrap, settings.kafka_dlq_topic) == []
     summaries = [orjson.loads(r.value) for r in outputs]
     counts = Counter(s["id"] for s in summaries)
     assert set(counts) == set(where)
@@ -267,7 +238,7 @@ BAD_INPUTS: list[tuple[str, bytes | None, str, str]] = [
 async def test_bad_inputs_go_to_the_dlq_with_reason_and_original_bytes(
         kafka_bootstrap: str, tiny_model_dir: Path) -> None:
     settings = seq2seq_settings(kafka_bootstrap, tiny_model_dir, max_input_bytes=2000)
-    await create_topics(settings)
+    await service_topics(settings)
     records: list[tuple[bytes | None, bytes | None]] = []
     good_ids: list[str] = []
     for k, (what, value, _, _) in enumerate(BAD_INPUTS):
@@ -288,8 +259,8 @@ async def test_bad_inputs_go_to_the_dlq_with_reason_and_original_bytes(
         await answers.wait_until(lambda: answers.count() >= len(records), 90,
                                  f"{len(records)} answers")
 
-    outputs = await read_all(kafka_bootstrap, settings.kafka_output_topic)
-    dead = await read_all(kafka_bootstrap, settings.kafka_dlq_topic)
+    outputs = await read_to_end(kafka_bootstrap, settings.kafka_output_topic)
+    dead = await read_to_end(kafka_bootstrap, settings.kafka_dlq_topic)
     assert sorted(orjson.loads(r.value)["id"] for r in outputs) == sorted(good_ids)
     assert len(dead) == len(BAD_INPUTS)
     seen: set[tuple[int, int]] = set()
@@ -302,8 +273,8 @@ async def test_bad_inputs_go_to_the_dlq_with_reason_and_original_bytes(
         assert headers["streamproc.error.code"] == code, what
         assert headers["streamproc.error.class"] == "InvalidRecord", what
         assert word in headers["streamproc.error.reason"], (what, headers)
-        # The original bytes, byte for byte (a tombstone's null value becomes empty bytes).
-        assert record.value == (sent[source] or b""), what
+        # The original bytes, byte for byte (a tombstone's null value stays null).
+        assert record.value == sent[source], what
     assert seen == set(bad_at)
     committed = await committed_offsets(kafka_bootstrap, settings.kafka_group_id,
                                         settings.kafka_input_topic)
@@ -313,7 +284,7 @@ async def test_bad_inputs_go_to_the_dlq_with_reason_and_original_bytes(
 
 async def test_item_whose_inference_fails_goes_to_the_dlq(kafka_bootstrap: str) -> None:
     settings = make_settings(kafka_bootstrap)
-    await create_topics(settings, input_partitions=1)
+    await service_topics(settings, input_partitions=1)
     records: list[tuple[bytes | None, bytes | None]] = []
     for i in range(30):
         item_id, value = feed_item(i)
@@ -327,8 +298,8 @@ async def test_item_whose_inference_fails_goes_to_the_dlq(kafka_bootstrap: str) 
                 Answers(settings) as answers, running(processor)):
         await answers.wait_until(lambda: answers.count() >= len(records), 60, "30 answers")
 
-    outputs = await read_all(kafka_bootstrap, settings.kafka_output_topic)
-    dead = await read_all(kafka_bootstrap, settings.kafka_dlq_topic)
+    outputs = await read_to_end(kafka_bootstrap, settings.kafka_output_topic)
+    dead = await read_to_end(kafka_bootstrap, settings.kafka_dlq_topic)
     assert sorted(orjson.loads(r.value)["id"] for r in outputs) == [
         f"item-{i:04d}" for i in range(30) if i != 13]
     assert len(dead) == 1
@@ -351,7 +322,7 @@ async def test_restart_resumes_from_the_committed_offsets(kafka_bootstrap: str) 
     # Slow batches and a small queue, so that stopping at half way leaves work for the
     # second processor (a fast one would have fetched and answered everything).
     settings = make_settings(kafka_bootstrap, gpu_queue_size=20, kafka_max_poll_records=10)
-    await create_topics(settings)
+    await service_topics(settings)
     items = [feed_item(i) for i in range(n)]
     metadata = await produce(kafka_bootstrap, settings.kafka_input_topic,
                              [(item_id.encode(), value) for item_id, value in items])
@@ -373,7 +344,7 @@ async def test_restart_resumes_from_the_committed_offsets(kafka_bootstrap: str) 
         await answers.wait_until(lambda: len(answers.ids()) >= n, 60, "every id")
     assert second.stats.consumed == uncommitted  # it resumed exactly at the commits
 
-    outputs = await read_all(kafka_bootstrap, settings.kafka_output_topic)
+    outputs = await read_to_end(kafka_bootstrap, settings.kafka_output_topic)
     counts = Counter(orjson.loads(r.value)["id"] for r in outputs)
     assert set(counts) == {item_id for item_id, _ in items}, "an id was never answered"
     duplicates = sum(c - 1 for c in counts.values())
@@ -388,7 +359,7 @@ async def test_restart_resumes_from_the_committed_offsets(kafka_bootstrap: str) 
 async def test_two_processors_split_partitions_and_one_takes_over(kafka_bootstrap: str) -> None:
     n = 400
     settings = make_settings(kafka_bootstrap, gpu_queue_size=20, kafka_max_poll_records=10)
-    await create_topics(settings, input_partitions=4)
+    await service_topics(settings, input_partitions=4)
     items = [feed_item(i) for i in range(n)]
     seen_assigned: dict[str, set[TopicPartition]] = {"a": set(), "b": set()}
 
@@ -423,7 +394,7 @@ async def test_two_processors_split_partitions_and_one_takes_over(kafka_bootstra
             watcher.cancel()
     assert seen_assigned["a"] and seen_assigned["b"]
 
-    outputs = await read_all(kafka_bootstrap, settings.kafka_output_topic)
+    outputs = await read_to_end(kafka_bootstrap, settings.kafka_output_topic)
     ids = {orjson.loads(r.value)["id"] for r in outputs}
     assert ids == {item_id for item_id, _ in items}, "an id was never answered"
     ends = await end_offsets_of(kafka_bootstrap, settings.kafka_input_topic)
@@ -455,7 +426,7 @@ async def test_backpressure_bounds_open_records_and_pauses_only_long_stalls(
     monkeypatch.setattr(intake, "PAUSE_AFTER_S", 0.05 if long_stall else 60.0)
     settings = make_settings(kafka_bootstrap, gpu_queue_size=queue,
                              kafka_max_poll_records=poll)
-    await create_topics(settings)
+    await service_topics(settings)
     items = [feed_item(i) for i in range(n)]
     await produce(kafka_bootstrap, settings.kafka_input_topic,
                   [(item_id.encode(), value) for item_id, value in items])
@@ -475,7 +446,7 @@ async def test_backpressure_bounds_open_records_and_pauses_only_long_stalls(
     assert 0 < most_open <= limit + poll  # one poll may land past the limit
     assert processor.stats.backpressure_seconds > 0
     assert (processor.stats.pauses > 0) is long_stall
-    outputs = await read_all(kafka_bootstrap, settings.kafka_output_topic)
+    outputs = await read_to_end(kafka_bootstrap, settings.kafka_output_topic)
     assert Counter(orjson.loads(r.value)["id"] for r in outputs) == Counter(
         item_id for item_id, _ in items)
 
@@ -486,7 +457,7 @@ async def test_a_failed_partition_set_up_stops_the_member_non_zero(kafka_bootstr
     processor stops them and itself with RebalanceFailed, rather than stay a member with
     partitions it never serves."""
     settings = make_settings(kafka_bootstrap)
-    await create_topics(settings)
+    await service_topics(settings)
     worker = identity_worker()
     await worker.start()
     processor = StreamProcessor(settings, worker)
@@ -510,7 +481,7 @@ async def test_a_failed_partition_set_up_stops_the_member_non_zero(kafka_bootstr
 async def test_shutdown_is_bounded_by_shutdown_timeout(kafka_bootstrap: str) -> None:
     n, shutdown_timeout_s, margin_s = 80, 1.0, 2.5
     settings = make_settings(kafka_bootstrap, shutdown_timeout_s=shutdown_timeout_s)
-    await create_topics(settings)
+    await service_topics(settings)
     metadata = await produce(kafka_bootstrap, settings.kafka_input_topic,
                              [(i.encode(), v) for i, v in (feed_item(k) for k in range(n))])
     # 10 items/s: everything is fetched and queued at once, and takes ~8 s to answer.
@@ -529,7 +500,7 @@ async def test_shutdown_is_bounded_by_shutdown_timeout(kafka_bootstrap: str) -> 
         await processor.stop()
         await worker.stop(1)
     answered: dict[int, set[int]] = defaultdict(set)
-    for record in await read_all(kafka_bootstrap, settings.kafka_output_topic):
+    for record in await read_to_end(kafka_bootstrap, settings.kafka_output_topic):
         answered[source_of(record, settings)[0]].add(source_of(record, settings)[1])
     committed = await committed_offsets(kafka_bootstrap, settings.kafka_group_id,
                                         settings.kafka_input_topic)
@@ -577,7 +548,7 @@ async def test_sigterm_mid_batch_drains_commits_and_exits_0(
     n = 300
     shutdown_timeout_s = 45  # generous: the drain must finish for the exact check below
     settings = seq2seq_settings(kafka_bootstrap, tiny_model_dir)
-    await create_topics(settings)
+    await service_topics(settings)
     metadata = await produce(kafka_bootstrap, settings.kafka_input_topic,
                              [(i.encode(), v) for i, v in (feed_item(k) for k in range(n))])
     ends = end_offsets(metadata)
@@ -617,7 +588,7 @@ async def test_sigterm_mid_batch_drains_commits_and_exits_0(
                                         settings.kafka_input_topic)
     answered: dict[int, set[int]] = defaultdict(set)
     for topic in (settings.kafka_output_topic, settings.kafka_dlq_topic):
-        for record in await read_all(kafka_bootstrap, topic):
+        for record in await read_to_end(kafka_bootstrap, topic):
             partition, offset = source_of(record, settings)
             answered[partition].add(offset)
     assert sum(committed.values()) > 0

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from streamproc.planner import DeviceMemory, plan_device, replica_cap
-from streamproc.settings import GPUConfig
+from streamproc.inference.config import GPUConfig
+from streamproc.inference.planner import DeviceMemory, plan_device, replica_cap
 
 
 def config(**overrides: object) -> GPUConfig:

@@ -1,15 +1,25 @@
-"""Settings: every spec variable, its default, and errors that name the variable."""
+"""Settings: every variable of the seed document, its default, and errors that name the
+variable."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
 from streamproc.errors import ConfigError
-from streamproc.settings import GPUConfig, Settings, engine_fields, load_settings
+from streamproc.inference.config import ENV_NAMES, GPUConfig
+from streamproc.settings import (
+    EngineSettings,
+    KafkaSettings,
+    ModelSettings,
+    OpsSettings,
+    Settings,
+    load_settings,
+)
 
-SPEC_DEFAULTS = {
+SEED_DEFAULTS = {
     "GPU_ENABLE_MULTI_MODEL_INSTANCES": True,
     "GPU_MAX_MODEL_INSTANCES": None,
     "GPU_MODEL_MEMORY_BUFFER_GB": 2.0,
@@ -30,12 +40,13 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name.upper(), raising=False)
 
 
-def test_spec_defaults() -> None:
+def test_seed_document_defaults() -> None:
     masked = load_settings(None).masked()
-    assert {k: masked[k] for k in SPEC_DEFAULTS} == SPEC_DEFAULTS
+    assert {k: masked[k] for k in SEED_DEFAULTS} == SEED_DEFAULTS
 
 
-def test_every_spec_variable_is_parsed_from_the_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_seed_document_variable_is_parsed_from_the_env(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     values = {
         "GPU_ENABLE_MULTI_MODEL_INSTANCES": ("false", False),
         "GPU_MAX_MODEL_INSTANCES": ("4", 4),
@@ -108,7 +119,7 @@ def test_model_name_defaults_follow_the_summarizer_kind() -> None:
 
 def test_gpu_config_from_settings_carries_every_engine_value() -> None:
     settings = load_settings(None, gpu_batch_size=7, model_pool_max_instances=3)
-    config = GPUConfig.from_settings(settings)
+    config = settings.gpu_config()
     assert (config.batch_size, config.pool_max_instances, config.queue_size) == (7, 3, 1000)
 
 
@@ -125,17 +136,17 @@ def test_env_example_lists_every_variable_and_parses() -> None:
     assert load_settings(str(example)).masked() == load_settings(None).masked()
 
 
-def test_readme_settings_table_names_every_variable() -> None:
+def test_readme_settings_table_lists_exactly_the_declared_settings() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    missing = [n.upper() for n in Settings.model_fields if f"| `{n.upper()}` |" not in readme]
-    assert not missing
+    rows = re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \|", readme, re.M)
+    assert sorted(rows) == sorted(name.upper() for name in Settings.model_fields)
 
 
-def test_gpu_config_declares_the_engine_settings_once() -> None:
-    """Settings' GPU_* fields take their defaults and ranges from GPUConfig: the two cannot
-    drift, and from_settings carries every one of them."""
-    engine = engine_fields()
-    assert set(engine.values()) >= {"batch_size", "queue_size", "device_ids", "pool_enabled"}
+def test_engine_settings_and_gpu_config_agree() -> None:
+    """Each engine variable has its GPUConfig field's type, default and range, so the two
+    cannot drift, and gpu_config() carries every one of them."""
+    engine = {env.lower(): field for field, env in ENV_NAMES.items()}
+    assert set(engine) == set(EngineSettings.model_fields) - {"gpu_autotune"}
     settings, config = load_settings(None), GPUConfig()
     for name, field in engine.items():
         assert Settings.model_fields[name].annotation == GPUConfig.model_fields[field].annotation
@@ -143,7 +154,7 @@ def test_gpu_config_declares_the_engine_settings_once() -> None:
         assert Settings.model_fields[name].metadata == GPUConfig.model_fields[field].metadata
     changed = {name: 7 for name, field in engine.items()
                if GPUConfig.model_fields[field].annotation in (int, int | None)}
-    carried = GPUConfig.from_settings(load_settings(None, **changed))
+    carried = load_settings(None, **changed).gpu_config()
     assert all(getattr(carried, engine[name]) == 7 for name in changed)
 
 
@@ -157,7 +168,15 @@ def test_one_range_check_serves_settings_and_gpu_config(variable: str, field: st
         GPUConfig(**{field: -1})
 
 
-def test_gpu_config_takes_the_spec_names() -> None:
+def test_settings_are_the_sections_together() -> None:
+    sections = (EngineSettings, ModelSettings, KafkaSettings, OpsSettings)
+    names = [set(section.model_fields) for section in sections]
+    assert set().union(*names) == set(Settings.model_fields)
+    assert sum(map(len, names)) == len(Settings.model_fields)  # each variable in one section
+    assert all(issubclass(Settings, section) for section in sections)
+
+
+def test_gpu_config_takes_the_seed_documents_names() -> None:
     config = GPUConfig(device_id=0, max_batch_size=64, enable_multi_model_instances=True)
     assert (config.batch_size, config.max_batch_size, config.device_id) == (64, 64, 0)
     assert GPUConfig(max_batch_size=8, batch_size=8).batch_size == 8
@@ -176,3 +195,19 @@ def test_calibration_is_forced_off_by_a_batch_size_and_not_by_a_token_ceiling() 
     assert not Settings(_env_file=None, gpu_batch_size=32).autotune_enabled  # type: ignore[call-arg]
     assert Settings(_env_file=None, gpu_max_batch_tokens=4096).autotune_enabled  # type: ignore[call-arg]
     assert not Settings(_env_file=None, gpu_enable_warmup=False).autotune_enabled  # type: ignore[call-arg]
+
+
+def test_rebalance_timing_that_cannot_fit_is_named_at_start() -> None:
+    """A revoke may take SHUTDOWN_TIMEOUT_S + 1 s; the group must wait longer than that (with
+    a margin), and so must the other members' JoinGroup requests. The defaults fit; the old
+    timing (the group waiting only the session timeout) does not, and says which settings to
+    change."""
+    from streamproc.kafka.group import rebalance_problems
+
+    assert rebalance_problems(load_settings(None)) == []
+    old = rebalance_problems(load_settings(None, kafka_rebalance_timeout_ms=10_000))
+    assert len(old) == 1 and "KAFKA_REBALANCE_TIMEOUT_MS (10 s)" in old[0]
+    assert "SHUTDOWN_TIMEOUT_S=30" in old[0]
+    long_drain = rebalance_problems(load_settings(None, shutdown_timeout_s=40,
+                                                  kafka_rebalance_timeout_ms=120_000))
+    assert len(long_drain) == 1 and "request timeout" in long_drain[0]

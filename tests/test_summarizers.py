@@ -12,17 +12,15 @@ from typing import Any
 
 import pytest
 
-from streamproc.devtools import build_tiny_model, main
 from streamproc.errors import InferenceFailed, ModelLoadError, OutOfMemory
 from streamproc.settings import Settings
-from streamproc.summarizers import (
-    ExtractiveSummarizer,
-    IdentitySummarizer,
-    Seq2SeqSummarizer,
-    load_summarizer,
-    split_sentences,
-    summarize_batch,
-)
+from streamproc.summarize.base import summarize_batch
+from streamproc.summarize.extractive import ExtractiveSummarizer
+from streamproc.summarize.factory import build_worker, load_summarizer
+from streamproc.summarize.identity import IdentitySummarizer
+from streamproc.summarize.sentences import split_sentences
+from streamproc.summarize.seq2seq import Seq2SeqSummarizer
+from streamproc.testing.tiny_model import build_tiny_model, main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,6 +183,42 @@ def test_extractive_picks_k_sentences_in_original_order() -> None:
     assert model.token_length(PARAGRAPH) > len(sentences)
 
 
+def test_the_extractive_clip_cuts_a_text_of_few_long_tokens() -> None:
+    """One 500,000-character word is a single unknown token: the clip used to count tokens
+    only and let the whole text through, and one such record stalled every partition."""
+    model = load_summarizer(settings(summarizer="extractive", max_input_tokens=64), "cpu")
+    assert isinstance(model, ExtractiveSummarizer)
+    for text in ("w" * 500_000, "e" + "\u0301" * 50_000, "Short. Text."):
+        clipped, was_cut = model._clip(text)
+        assert len(clipped) <= 64 * 16, len(clipped)
+        assert was_cut == (len(text) > 64 * 16)
+    (summary,) = model.summarize(["w" * 500_000])
+    assert len(summary) <= 64 * 16
+
+
+def test_every_summarizer_sees_at_most_max_input_chars_and_gives_at_most_max_summary_chars(
+) -> None:
+    """The worker's prepare and run steps cut every text before a tokenizer or sentence
+    splitter sees it, and every summary after the model: the identity summarizer's first
+    "sentence" of 330,000 initials was once the whole 990 KB text."""
+    config = settings(summarizer="identity", max_input_chars=5_000, max_summary_chars=300)
+    worker = build_worker(config)
+    model = load_summarizer(config, "cpu")
+    seen: list[str] = []
+    model.prepare = lambda texts: seen.extend(texts) or list(texts)  # type: ignore[method-assign]
+    prepared = worker._prepare(model, ["A. " * 330_000, "x" * 10])
+    assert [len(text) for text in seen] == [5_000, 10]
+    assert [len(s) for s in worker._task(model, prepared)] == [300, 10]
+    assert config.model_copy(update={"max_input_chars": None}).input_char_cap == 1024 * 16
+
+
+def test_sentence_splitting_stays_exact_on_hostile_texts() -> None:
+    assert split_sentences("A. " * 1000) == [("A. " * 1000).strip()]
+    assert split_sentences("." * 10_000 + " Next one.") == ["." * 10_000, "Next one."]
+    assert split_sentences("w" * 100_000 + ". Then A. B. Smith left.") == [
+        "w" * 100_000 + ".", "Then A. B. Smith left."]
+
+
 def test_identity_returns_the_first_sentence() -> None:
     model = load_summarizer(settings(summarizer="identity"), "cpu")
     assert isinstance(model, IdentitySummarizer) and model.model_name == "identity"
@@ -218,7 +252,7 @@ def test_devtools_cli_prints_the_checkpoint_dir(tiny_model_dir: Path, tmp_path: 
     # In a subprocess on a built checkpoint (fast: nothing to build, torch is never imported) ...
     copied = shutil.copytree(tiny_model_dir, tmp_path / "copied")
     done = subprocess.run(
-        [sys.executable, "-m", "streamproc.devtools", "tiny-model", str(copied)],
+        [sys.executable, "-m", "streamproc.testing", "tiny-model", str(copied)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=True,
     )
     assert done.stdout.strip() == str(copied.resolve())

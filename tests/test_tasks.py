@@ -1,4 +1,5 @@
-"""How GPUWorker reads its model loader and its task (streamproc.tasks)."""
+"""How GPUWorker reads its model loader and its task (streamproc.inference.tasks), and the
+built-in summarization task (streamproc.summarize.task)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import pytest
 
 from streamproc import GPUConfig, GPUWorker, TaskEnums
 from streamproc.errors import InferenceFailed
-from streamproc.tasks import payload_text, place, takes_device
+from streamproc.inference.tasks import place, takes_device
+from streamproc.summarize.task import payload_text
 
 
 @dataclass

@@ -16,8 +16,8 @@ from streamproc.errors import (
     ReplicaBroken,
     WorkerClosed,
 )
-from streamproc.settings import GPUConfig
-from streamproc.worker import GPUWorker
+from streamproc.inference.config import GPUConfig
+from streamproc.inference.worker import GPUWorker
 
 
 @dataclass

@@ -1,0 +1,209 @@
+"""The moving parts of the crash suite (:mod:`qa.chaos`) and the fault matrix
+(:mod:`qa.matrix`): a broker of their own, the processor as a subprocess, and an independent
+``read_committed`` reader that follows the answers.
+
+``python -m qa.harness serve [--item-delay-s S] [--break-on MARKER]`` is ``streamproc run``
+with the identity summarizer behind a :class:`~streamproc.testing.breakable.BreakableModel`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiokafka import TopicPartition
+
+from streamproc.demo.progress import Progress
+from streamproc.errors import StreamprocError
+from streamproc.settings import Settings, load_settings
+from streamproc.testing.kafka import LocalBroker, TopicReader, committed_offsets
+
+__all__ = ["REPO_ROOT", "Processor", "Tracker", "processor_env", "say", "suite_broker",
+           "uncommitted_answers"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def say(message: str) -> None:
+    print(f"qa: {message}", file=sys.stderr, flush=True)
+
+
+def suite_broker(properties: str = "") -> LocalBroker:
+    """A broker of the suite's own, on free ports, with its data in a new temporary
+    directory; it restarts (``stop``, ``start``) keeping its data."""
+    data = Path(tempfile.mkdtemp(prefix="streamproc-qa-kafka-"))
+    return LocalBroker.on_free_ports(data, properties=properties, attempts=3)
+
+
+def processor_env(bootstrap: str, name: str, mode: str, **overrides: str) -> dict[str, str]:
+    """A harness processor's environment: this one's without any streamproc setting, then the
+    topics ``<name>.in``, ``.out`` and ``.dlq``, the group ``<name>-group``, the identity
+    summarizer on the CPU, 300 ms commits, no metrics server, and ``overrides``. The
+    repository comes first on the path, so the processor runs this checkout's code."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap, KAFKA_INPUT_TOPIC=f"{name}.in",
+        KAFKA_OUTPUT_TOPIC=f"{name}.out", KAFKA_DLQ_TOPIC=f"{name}.dlq",
+        KAFKA_GROUP_ID=f"{name}-group", PROCESSING_GUARANTEE=mode, SUMMARIZER="identity",
+        GPU_DEVICE_IDS="cpu", GPU_ENABLE_WARMUP="false", GPU_USE_FP16="false",
+        KAFKA_COMMIT_INTERVAL_MS="300", LOG_LEVEL="INFO", LOG_INTERVAL_S="5",
+        KAFKA_TRANSACTIONAL_ID_PREFIX=name, METRICS_PORT="0")
+    env.update(overrides)
+    return env
+
+
+class Processor:
+    """One ``python -m streamproc run`` subprocess, or, with ``serve_args``, ``python -m
+    qa.harness serve`` (the same service over a breakable model); stdout and stderr go to a
+    log file."""
+
+    started = 0
+
+    def __init__(self, env: dict[str, str], logs: Path, *serve_args: str) -> None:
+        Processor.started += 1
+        self.log = logs / f"processor-{Processor.started:02d}.log"
+        with self.log.open("wb") as out:
+            command = (["qa.harness", "serve", *serve_args] if serve_args
+                       else ["streamproc", "run"])
+            self.proc = subprocess.Popen([sys.executable, "-m", *command], cwd=logs, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def freeze(self) -> None:
+        """SIGSTOP: the process stops answering anyone, as a long pause would."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def has_partitions(self) -> bool:
+        return "partitions assigned: ['" in self.log_text()
+
+    def assigned_or_exited(self) -> bool:
+        """Its partitions were assigned, or it exited: waiting for an assignment is over."""
+        return self.has_partitions() or self.proc.poll() is not None
+
+    async def terminate(self, timeout_s: float = 60) -> int | None:
+        """SIGTERM and wait; the exit code, or None (and kill -9) if it did not exit in time.
+        :attr:`exit_s` is how long the exit took."""
+        started = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return None
+        finally:
+            self.exit_s = time.monotonic() - started
+
+
+class Tracker:
+    """Follows the output and DLQ topics (read_committed): the answers so far."""
+
+    def __init__(self, bootstrap: str, tps: list[TopicPartition], progress: Progress) -> None:
+        self.tps, self.progress, self.output = tps, progress, tps[0].topic
+        self.ids: set[str] = set()
+        self.bad: set[tuple[int, int]] = set()  # (partition, offset) of answered bad records
+        self.max_source: dict[int, int] = {}  # highest answered input offset per partition
+        self.first_at = self.last_at = 0.0
+        self.reader = TopicReader(bootstrap, tps)
+
+    async def run(self) -> None:
+        async with self.reader:
+            while True:
+                for record in await self.reader.poll(100):
+                    self._see(record)
+
+    def _see(self, record: Any) -> None:
+        if record.topic == self.output:
+            doc = orjson.loads(record.value)
+            where = (doc["source"]["partition"], doc["source"]["offset"])
+            new, key = doc["id"] not in self.ids, doc["id"]
+            self.ids.add(key)
+        else:
+            headers = {k: v.decode() for k, v in record.headers}
+            where = (int(headers["streamproc.source.partition"]),
+                     int(headers["streamproc.source.offset"]))
+            new = where not in self.bad
+            self.bad.add(where)
+        self.max_source[where[0]] = max(self.max_source.get(where[0], -1), where[1])
+        if new:
+            self.last_at = time.monotonic()
+            self.first_at = self.first_at or self.last_at
+            self.progress.advance()
+
+    async def caught_up(self) -> None:
+        """Wait until everything written to the topics so far has been seen."""
+        end = await self.reader.consumer.end_offsets(self.tps)
+        for _ in range(1200):  # a minute at most
+            if await self.reader.at_end(end):
+                return
+            await asyncio.sleep(0.05)
+        raise TimeoutError("the tracker did not catch up with the answers in a minute")
+
+
+async def uncommitted_answers(bootstrap: str, group: str, topic: str, tracker: Tracker,
+                              since: dict[int, int] | None = None) -> int:
+    """Input records with an answer written but not committed, now: a bound on the
+    duplicates a kill -9 (or a member frozen out of the group) can cause under at-least-once.
+
+    Read the answers up to the end of the topics, then the group's committed offsets (or
+    ``since``, the ones taken when the fault began). In partition p every record the next
+    owner reads again and had already answered lies between the committed offset c_p and the
+    highest answered offset h_p, so it re-answers at most h_p + 1 - c_p records."""
+    await tracker.caught_up()
+    if since is None:
+        since = await committed_offsets(bootstrap, group, topic)
+    return sum(max(0, high + 1 - max(since.get(p, 0), 0))
+               for p, high in tracker.max_source.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from streamproc import signals
+
+    parser = argparse.ArgumentParser(prog="python -m qa.harness")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="streamproc run, with a breakable identity model")
+    serve.add_argument("--item-delay-s", type=float, default=0.0)
+    serve.add_argument("--break-on", default=None)
+    args = parser.parse_args(argv)
+    signals.catch()  # as streamproc run does, before the service's imports
+    from streamproc.ops.logs import configure_logging
+    from streamproc.service import serve as serve_service
+    from streamproc.testing.breakable import breakable_worker
+
+    try:
+        settings = load_settings()
+        configure_logging(settings)
+        return serve_service(settings, breakable_worker(settings, args.item_delay_s,
+                                                        args.break_on))
+    except StreamprocError as exc:
+        logging.getLogger("qa.harness").error("%s", exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

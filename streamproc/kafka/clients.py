@@ -1,0 +1,179 @@
+"""Kafka clients built from the settings: security options, and a bounded start that tells a
+setting no retry can fix from a broker that is not up yet."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import errors as kafka_errors
+from aiokafka.conn import create_conn
+from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from ..errors import BrokerUnavailable, ConfigError
+from ..settings import KafkaSettings
+from .group import group_options
+
+__all__ = [
+    "broker_answers", "client_options", "connect_problem", "consumer_for", "producer_for",
+    "record_size", "retriable", "start_with_retry",
+]
+
+log = logging.getLogger("streamproc.kafka")
+PRODUCER_BATCH_BYTES = 16_384  # aiokafka's default batch size, kept where topics take it
+
+
+def broker_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """True when a TCP connection to the first ``host:port`` of ``bootstrap`` succeeds."""
+    host, _, port = bootstrap.split(",")[0].strip().split("://")[-1].rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)),
+                                      timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def client_options(settings: KafkaSettings) -> dict[str, Any]:
+    """Options shared by every client: bootstrap, client id, and SASL/SSL pass-through."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap_servers,
+        "client_id": settings.kafka_client_id,
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        options["ssl_context"] = create_ssl_context(
+            cafile=settings.kafka_ssl_cafile, certfile=settings.kafka_ssl_certfile,
+            keyfile=settings.kafka_ssl_keyfile)
+    if settings.kafka_security_protocol.startswith("SASL"):
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism or "PLAIN"
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        password = settings.kafka_sasl_password
+        options["sasl_plain_password"] = password.get_secret_value() if password else None
+    return options
+
+
+def consumer_for(settings: KafkaSettings, **overrides: Any) -> AIOKafkaConsumer:
+    """The group's consumer (its group options are :func:`~.group.group_options`)."""
+    return AIOKafkaConsumer(
+        **client_options(settings),
+        **group_options(settings),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_poll_records=settings.kafka_max_poll_records,
+        **overrides,
+    )
+
+
+def producer_for(settings: KafkaSettings, *, record_limit: int | None = None,
+                 **overrides: Any) -> AIOKafkaProducer:
+    """A producer with ``acks=all`` and idempotence, compressing as ``KAFKA_COMPRESSION_TYPE``
+    says. ``record_limit``: the largest batch the topics it writes take (the smallest of their
+    ``max.message.bytes``, read at start). Its batches are kept within it: the broker checks
+    a topic's limit against a whole producer batch, so one larger than the limit would refuse
+    records that each fit."""
+    compression = settings.kafka_compression_type
+    options: dict[str, Any] = {
+        "acks": "all", "enable_idempotence": True, "linger_ms": 5,
+        "max_request_size": settings.kafka_max_request_size,
+        "compression_type": None if compression == "none" else compression,
+        "max_batch_size": min(PRODUCER_BATCH_BYTES, record_limit or PRODUCER_BATCH_BYTES),
+    }
+    if "transactional_id" in overrides:
+        options["transaction_timeout_ms"] = settings.kafka_transaction_timeout_ms
+    options.update(overrides)
+    return AIOKafkaProducer(**client_options(settings), **options)
+
+
+def connect_problem(exc: BaseException, settings: KafkaSettings) -> ConfigError | None:
+    """A connection failure that no retry can fix, as the setting to change; None for one
+    that may pass (broker not up yet, network)."""
+    mechanism = settings.kafka_sasl_mechanism or "PLAIN"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ConfigError("KAFKA_SSL_CAFILE", settings.kafka_ssl_cafile,
+                           f"the broker's TLS certificate was not trusted ({exc.verify_message}); "
+                           "point KAFKA_SSL_CAFILE at the CA that signed it")
+    if isinstance(exc, kafka_errors.UnsupportedSaslMechanismError):
+        return ConfigError("KAFKA_SASL_MECHANISM", mechanism, str(exc))
+    auth_failed = kafka_errors.SaslAuthenticationFailed | kafka_errors.AuthenticationFailedError
+    if isinstance(exc, auth_failed):
+        return ConfigError("KAFKA_SASL_USERNAME", settings.kafka_sasl_username,
+                           f"SASL {mechanism} authentication failed ({exc}); check "
+                           "KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and KAFKA_SASL_MECHANISM")
+    return None
+
+
+async def _connect_error(settings: KafkaSettings) -> BaseException | None:
+    """Why one connection to the first bootstrap server fails, or None if it succeeds. The
+    clients only say "Unable to bootstrap"; a single connection raises the cause itself."""
+    options = client_options(settings)
+    host, _, port = options.pop("bootstrap_servers").split(",")[0].strip().rpartition(":")
+    options["request_timeout_ms"] = 10_000
+    try:
+        conn = await create_conn(host.strip("[]") or "127.0.0.1", int(port), **options)
+    except Exception as exc:
+        return exc
+    conn.close()
+    return None
+
+
+def retriable(exc: BaseException) -> bool:
+    """A Kafka error a later try may not meet: aiokafka's retriable ones, and the plain
+    ``KafkaError`` it raises for a connection dropped in the middle of a request (a
+    coordinator lookup, for one)."""
+    return isinstance(exc, OSError) or (isinstance(exc, KafkaError) and (
+        exc.retriable or type(exc) is KafkaError))
+
+
+async def start_with_retry(name: str, start: Callable[[], Awaitable[None]],
+                           settings: KafkaSettings) -> None:
+    """Start a client, retrying with backoff for ``KAFKA_CONNECT_TIMEOUT_S`` at most. Each try
+    is bounded by what is left of that time, since a start may wait forever on its own (a
+    transactional producer's coordinator lookup and ``InitProducerId``). A failure no retry
+    can fix (SASL authentication, an untrusted certificate) raises a :class:`ConfigError`
+    at once; any other Kafka error that is not retriable, a :class:`BrokerUnavailable`. The
+    caller stops the client when this raises: a cancelled start may leave it half-started."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.kafka_connect_timeout_s
+    delay = 0.5
+    while True:
+        try:
+            await asyncio.wait_for(start(), max(deadline - loop.time(), 0.01))
+            return
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"the {name} did not start within KAFKA_CONNECT_TIMEOUT_S="
+                f"{settings.kafka_connect_timeout_s:g} s (KAFKA_BOOTSTRAP_SERVERS="
+                f"{settings.kafka_bootstrap_servers})") from None
+        except (KafkaError, OSError) as exc:
+            cause = exc
+            if isinstance(exc, KafkaConnectionError | OSError):  # the clients hide the cause
+                cause = await _connect_error(settings) or exc
+            if (problem := connect_problem(cause, settings)) is not None:
+                raise problem from None
+            if not retriable(exc):
+                raise BrokerUnavailable(f"the {name} could not start: {exc!r}") from exc
+            if loop.time() + delay > deadline:
+                raise BrokerUnavailable(
+                    f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS="
+                    f"{settings.kafka_bootstrap_servers} for the {name} after "
+                    f"{settings.kafka_connect_timeout_s:.0f} s: {exc}") from None
+            log.warning("%s: Kafka not reachable yet (%s); retrying in %.1f s", name, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def record_size(key: bytes | None, value: bytes | None,
+                headers: list[tuple[str, bytes | None]]) -> int:
+    """An upper bound of one record's size in a batch of its own: the size aiokafka checks
+    against ``max_request_size``, and the broker against the topic's ``max.message.bytes``."""
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))

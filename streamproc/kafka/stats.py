@@ -1,0 +1,54 @@
+"""The Kafka pipeline's counters and histograms, owned by the processor (no global
+registry); :mod:`streamproc.ops.prometheus` exports them on ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import Histogram
+
+from ..inference.stats import SECOND_BUCKETS, histogram
+
+__all__ = ["PipelineStats"]
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    """Counters of the Kafka pipeline, touched only from the event loop thread."""
+
+    started_at: float = field(default_factory=time.monotonic)
+    consumed: int = 0
+    produced: int = 0
+    dead_letters: dict[str, int] = field(default_factory=dict)  # by reason code
+    commits: int = 0
+    dropped_stale: int = 0  # results of a rewound, revoked or stopped partition's records
+    backpressure_seconds: float = 0.0  # time the fetch waited for room in the worker
+    pauses: int = 0  # waits long enough to pause the partitions
+    rebalances: int = 0  # assignments received from the group
+    generation: int = -1  # the group generation of the last one
+    end_to_end: Histogram = field(default_factory=lambda: histogram(
+        "streamproc_end_to_end_latency_seconds", "From the input record's timestamp to the "
+        "broker's acknowledgement (or transaction commit) of its output.", SECOND_BUCKETS))
+
+    def dead_letter(self, reason_code: str) -> None:
+        self.dead_letters[reason_code] = self.dead_letters.get(reason_code, 0) + 1
+
+    def answered(self) -> int:
+        return self.produced + sum(self.dead_letters.values())
+
+    def as_dict(self) -> dict[str, object]:
+        elapsed = max(time.monotonic() - self.started_at, 1e-9)
+        return {
+            "consumed": self.consumed,
+            "produced": self.produced,
+            "dead_letters": dict(self.dead_letters),
+            "answered_per_second": self.answered() / elapsed,
+            "commits": self.commits,
+            "dropped_stale": self.dropped_stale,
+            "backpressure_seconds": self.backpressure_seconds,
+            "pauses": self.pauses,
+            "rebalances": self.rebalances,
+            "generation": self.generation,
+            "uptime_seconds": elapsed,
+        }
