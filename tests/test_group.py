@@ -170,16 +170,18 @@ async def test_static_members_restart_without_a_rebalance_and_never_share_an_id(
 
     async with running_processor(member("b")) as other:
         async with running_processor(member("a")) as first:
-            await wait_for(lambda: first.joined.is_set() and other.stats.rebalances == 2,
+            # Under load the group can take more than one rebalance to hold both members.
+            await wait_for(lambda: first.joined.is_set()
+                           and other.stats.generation == first.stats.generation,
                            "both members in one generation")
-            generation = first.stats.generation
+            generation, rebalances = first.stats.generation, other.stats.rebalances
         async with identity_worker(max_delay_ms=5) as worker:
             again = StreamProcessor(member("a"), worker)
             await asyncio.wait_for(again.start(), 60)
             run = asyncio.create_task(again.run())
             try:
                 await wait_for(again.joined.is_set, "the restarted member's partitions")
-                assert (again.stats.generation, other.stats.rebalances) == (generation, 2)
+                assert (again.stats.generation, other.stats.rebalances) == (generation, rebalances)
                 async with running_processor(member("a")) as intruder:
                     await wait_for(run.done, "the member whose id was taken to stop", 30)
                     with pytest.raises(ConsumerFailed, match="KAFKA_GROUP_INSTANCE_ID='a'"):
