@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,14 @@ from streamproc.kafka.processor import StreamProcessor
 from streamproc.settings import Settings
 from streamproc.summarize.factory import build_worker
 from streamproc.testing.kafka import committed_offsets, partitions_of, read_to_end
-from tests.helpers import identity_worker, produce, running, service_topics, unique_topic
+from tests.helpers import (
+    end_offsets,
+    identity_worker,
+    produce,
+    running,
+    service_topics,
+    settings_for,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -59,35 +66,11 @@ def feed_item(i: int, prefix: str = "item") -> tuple[str, bytes]:
 
 
 def make_settings(bootstrap: str, **overrides: Any) -> Settings:
-    """Fresh topics and group, small batches and fast commits; no .env, no GPU."""
-    values: dict[str, Any] = {
-        "kafka_bootstrap_servers": bootstrap,
-        "kafka_input_topic": unique_topic("in"),
-        "kafka_output_topic": unique_topic("out"),
-        "kafka_dlq_topic": unique_topic("dlq"),
-        "kafka_group_id": unique_topic("group"),
-        "kafka_create_topics": False,
-        "kafka_commit_interval_ms": 200,
-        "kafka_max_poll_records": 100,
-        "kafka_connect_timeout_s": 15,
-        "gpu_device_ids": "cpu",
-        "gpu_batch_size": 32,
-        "gpu_max_delay_ms": 20,
-        "gpu_enable_warmup": False,
-        "gpu_use_fp16": False,
-        "shutdown_timeout_s": 30,
-        "summarizer": "identity",
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
-def end_offsets(metadata: Sequence[Any]) -> dict[int, int]:
-    """End offset of every partition written to (only the test writes to its input topic)."""
-    ends: dict[int, int] = {}
-    for meta in metadata:
-        ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
-    return ends
+    """:func:`settings_for` with topics made by the test, batches of 32 and 20 ms delays."""
+    values: dict[str, Any] = {"kafka_create_topics": False, "gpu_batch_size": 32,
+                              "gpu_max_delay_ms": 20, "gpu_use_fp16": False,
+                              "shutdown_timeout_s": 30}
+    return settings_for(bootstrap, **(values | overrides))
 
 
 def headers_of(record: Record) -> dict[str, str]:
