@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import random
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,15 @@ import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 
-from qa.harness import Processor, Tracker, processor_env, say, suite_broker, uncommitted_answers
+from qa.harness import (
+    Processor,
+    Tracker,
+    each_guarantee,
+    holds,
+    processor_env,
+    say,
+    uncommitted_answers,
+)
 from streamproc.demo.progress import Progress
 from streamproc.testing.kafka import LocalBroker, create_topics, read_to_end
 from streamproc.testing.records import BAD_RECORDS
@@ -202,8 +208,7 @@ class Run:
             line += f" max_in_flight_at_kills={self.bound}"
         line += (f" mode={self.mode} processor_exits={self.exits} elapsed_s={elapsed:.1f} "
                  f"throughput={len(self.ids) / elapsed:.1f}/s")
-        ok = lost == 0 and not self.failures and (
-            duplicated <= self.bound if self.mode == "at_least_once" else duplicated == 0)
+        ok = holds(self.mode, lost, duplicated, self.bound, self.failures)
         busy = tracker.last_at - tracker.first_at
         return {"line": line, "ok": ok, "failures": self.failures, "logs": self.logs,
                 "rate": (len(tracker.ids) - 1) / busy if busy > 0 else 0.0,
@@ -211,37 +216,25 @@ class Run:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # reconnect noise; we report
-    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
-    say(f"seed {seed}")
-    modes = ["at_least_once", "exactly_once"] if args.guarantee == "both" else [args.guarantee]
-    logs = Path(tempfile.mkdtemp(prefix="streamproc-chaos-"))
-    broker = None if args.bootstrap else suite_broker()
-    ok = True
-    try:
-        bootstrap = args.bootstrap or await asyncio.to_thread(broker.start)  # type: ignore[union-attr]
-        for i, mode in enumerate(modes):
-            result = await Run(args, mode, bootstrap, logs, broker).run(random.Random(seed + i))
-            print(result["line"], flush=True)
-            say(f"{mode}: events landed with at least {result['in_flight']} items in flight; "
-                f"logs in {result['logs']}")
-            for failure in result["failures"]:
-                say(f"{mode}: FAILED: {failure}")
-            ok = ok and result["ok"]
-        if len(modes) == 2:
-            rates = {m: (await Run(args, m, bootstrap, logs, broker).run(random.Random(seed),
-                                                                          False))
-                     for m in modes}
-            ok = ok and all(r["ok"] for r in rates.values())
-            alo, eos = rates["at_least_once"]["rate"], rates["exactly_once"]["rate"]
-            print(f"clean runs of {args.n} items: at_least_once {alo:.0f}/s, "
-                  f"exactly_once {eos:.0f}/s", flush=True)
-            print(f"throughput exactly_once/at_least_once = {eos / max(alo, 1e-9):.2f}",
-                  flush=True)
-    finally:
-        if broker is not None:
-            await asyncio.to_thread(broker.stop, wipe=True)
-    return 0 if ok else 1
+    def run_one(mode: str, bootstrap: str, logs: Path, broker: LocalBroker | None,
+                rng: random.Random) -> Awaitable[dict[str, Any]]:
+        return Run(args, mode, bootstrap, logs, broker).run(rng)
+
+    async def clean_rates(bootstrap: str, logs: Path, broker: LocalBroker | None,
+                          seed: int) -> bool:
+        rates = {m: (await Run(args, m, bootstrap, logs, broker).run(random.Random(seed),
+                                                                      False))
+                 for m in ("at_least_once", "exactly_once")}
+        alo, eos = rates["at_least_once"]["rate"], rates["exactly_once"]["rate"]
+        print(f"clean runs of {args.n} items: at_least_once {alo:.0f}/s, "
+              f"exactly_once {eos:.0f}/s", flush=True)
+        print(f"throughput exactly_once/at_least_once = {eos / max(alo, 1e-9):.2f}",
+              flush=True)
+        return all(r["ok"] for r in rates.values())
+
+    return await each_guarantee(
+        args, "chaos", run_one,
+        lambda r: f"events landed with at least {r['in_flight']} items in flight", clean_rates)
 
 
 def main(argv: list[str] | None = None) -> int:

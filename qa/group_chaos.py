@@ -45,14 +45,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import random
 import re
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,15 @@ import orjson
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.admin import NewTopic
 
-from qa.harness import Processor, Tracker, processor_env, say, suite_broker, uncommitted_answers
+from qa.harness import (
+    Processor,
+    Tracker,
+    each_guarantee,
+    holds,
+    processor_env,
+    say,
+    uncommitted_answers,
+)
 from streamproc.demo.progress import Progress
 from streamproc.testing.kafka import (
     LocalBroker,
@@ -355,34 +362,19 @@ class Run:
         unexpected = sum("exited with rc" in f for f in self.failures)
         line += (f" mode={self.mode} assignor={self.args.assignor} "
                  f"unexpected_exits={unexpected} elapsed_s={elapsed:.1f}")
-        ok = lost == 0 and not self.failures and (
-            duplicated <= self.bound if self.mode == "at_least_once" else duplicated == 0)
+        ok = holds(self.mode, lost, duplicated, self.bound, self.failures)
         return {"line": line, "ok": ok, "failures": self.failures, "logs": self.logs,
                 "sigterm_exits": self.sigterm_exits}
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # reconnect noise; we report
-    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
-    say(f"seed {seed}")
-    modes = ["at_least_once", "exactly_once"] if args.guarantee == "both" else [args.guarantee]
-    logs = Path(tempfile.mkdtemp(prefix="streamproc-group-chaos-"))
-    broker = None if args.bootstrap else suite_broker()
-    ok = True
-    try:
-        bootstrap = args.bootstrap or await asyncio.to_thread(broker.start)  # type: ignore[union-attr]
-        for i, mode in enumerate(modes):
-            result = await Run(args, mode, bootstrap, logs, broker).run(random.Random(seed + i))
-            print(result["line"], flush=True)
-            say(f"{mode}: SIGTERM exits {[round(s, 1) for s in result['sigterm_exits']]} s; "
-                f"logs in {result['logs']}")
-            for failure in result["failures"]:
-                say(f"{mode}: FAILED: {failure}")
-            ok = ok and result["ok"]
-    finally:
-        if broker is not None:
-            await asyncio.to_thread(broker.stop, wipe=True)
-    return 0 if ok else 1
+    def run_one(mode: str, bootstrap: str, logs: Path, broker: LocalBroker | None,
+                rng: random.Random) -> Awaitable[dict[str, Any]]:
+        return Run(args, mode, bootstrap, logs, broker).run(rng)
+
+    return await each_guarantee(
+        args, "group-chaos", run_one,
+        lambda r: f"SIGTERM exits {[round(s, 1) for s in r['sigterm_exits']]} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""The moving parts of the crash suite (:mod:`qa.chaos`) and the fault matrix
+"""The moving parts of the crash suite (:mod:`qa.chaos`), the group chaos suite
+(:mod:`qa.group_chaos`) and the fault matrix
 (:mod:`qa.matrix`): a broker of their own, the processor as a subprocess, and an independent
 ``read_committed`` reader that follows the answers.
 
@@ -8,14 +9,17 @@ with the identity summarizer behind a :class:`~streamproc.testing.breakable.Brea
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
+import random
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +31,8 @@ from streamproc.errors import StreamprocError
 from streamproc.settings import Settings, load_settings
 from streamproc.testing.kafka import LocalBroker, TopicReader, committed_offsets
 
-__all__ = ["REPO_ROOT", "Processor", "Tracker", "processor_env", "say", "suite_broker",
-           "uncommitted_answers"]
+__all__ = ["REPO_ROOT", "Processor", "RunOne", "Tracker", "each_guarantee", "holds",
+           "processor_env", "say", "suite_broker", "uncommitted_answers"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +46,51 @@ def suite_broker(properties: str = "") -> LocalBroker:
     directory; it restarts (``stop``, ``start``) keeping its data."""
     data = Path(tempfile.mkdtemp(prefix="streamproc-qa-kafka-"))
     return LocalBroker.on_free_ports(data, properties=properties, attempts=3)
+
+
+def holds(mode: str, lost: int, duplicated: int, bound: int, failures: list[str]) -> bool:
+    """A suite run's verdict: nothing lost, no failure, and duplicates within ``bound`` (the
+    answers in flight at the faults) under at_least_once, none under exactly_once."""
+    return lost == 0 and not failures and (
+        duplicated <= bound if mode == "at_least_once" else duplicated == 0)
+
+
+# (mode, bootstrap, logs, the suite's broker or None, rng) -> a run's result: "line", "ok",
+# "failures" and "logs" at least.
+RunOne = Callable[[str, str, Path, "LocalBroker | None", random.Random],
+                  Awaitable[dict[str, Any]]]
+
+
+async def each_guarantee(args: argparse.Namespace, name: str, run_one: RunOne,
+                         describe: Callable[[dict[str, Any]], str],
+                         then: Callable[[str, Path, LocalBroker | None, int],
+                                        Awaitable[bool]] | None = None) -> int:
+    """Run a suite once for each guarantee ``args.guarantee`` names, on ``args.bootstrap`` or
+    a broker of the suite's own (wiped at the end): print each run's line, tell its
+    ``describe``-d figures and failures, then ``then(bootstrap, logs, broker, seed)`` when
+    both guarantees ran. Exit status 0 when every run held."""
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)  # reconnect noise; we report
+    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    say(f"seed {seed}")
+    modes = ["at_least_once", "exactly_once"] if args.guarantee == "both" else [args.guarantee]
+    logs = Path(tempfile.mkdtemp(prefix=f"streamproc-{name}-"))
+    broker = None if args.bootstrap else suite_broker()
+    ok = True
+    try:
+        bootstrap = args.bootstrap or await asyncio.to_thread(broker.start)  # type: ignore[union-attr]
+        for i, mode in enumerate(modes):
+            result = await run_one(mode, bootstrap, logs, broker, random.Random(seed + i))
+            print(result["line"], flush=True)
+            say(f"{mode}: {describe(result)}; logs in {result['logs']}")
+            for failure in result["failures"]:
+                say(f"{mode}: FAILED: {failure}")
+            ok = ok and result["ok"]
+        if then is not None and len(modes) == 2:
+            ok = await then(bootstrap, logs, broker, seed) and ok
+    finally:
+        if broker is not None:
+            await asyncio.to_thread(broker.stop, wipe=True)
+    return 0 if ok else 1
 
 
 def processor_env(bootstrap: str, name: str, mode: str, **overrides: str) -> dict[str, str]:
