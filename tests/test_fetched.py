@@ -87,6 +87,18 @@ def test_the_expanded_size_bound_holds_and_is_tight(name: str) -> None:
         assert len(payload) <= bound <= len(payload) + 4 * 1024 * 1024, (name, len(payload))
 
 
+@pytest.mark.parametrize("name", ["lz4", "zstd"])
+def test_skippable_frames_count_nothing_and_frames_after_them_count(name: str) -> None:
+    """A skippable frame (magic 0x184D2A5?, then its size) may stand before, between and
+    after real frames; the bound passes over it and still counts the frames behind it."""
+    encode = getattr(codec, f"{name}_encode")
+    skip = struct.pack("<II", 0x184D2A5A, 5) + b"hello"
+    frame = encode(b"\0" * 200_000)
+    alone = expanded_size_bound(CODEC_IDS[name], frame)
+    assert expanded_size_bound(CODEC_IDS[name], skip + frame + skip + frame + skip) == 2 * alone
+    assert alone >= 200_000
+
+
 def test_gzip_is_decompressed_within_its_cap() -> None:
     decode = fetched._bounded(1, codec.gzip_decode)
     with guarded(LIMITS):

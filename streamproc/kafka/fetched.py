@@ -110,14 +110,22 @@ def _snappy_bound(payload: bytes) -> int:
     return total
 
 
-def _lz4_bound(payload: bytes) -> int:
-    total, pos = 0, 0
+def _past_skippable(payload: bytes, pos: int) -> int:
+    """Where the next frame after any skippable frames (LZ4's and zstd's, the same) from
+    ``pos`` starts."""
     while pos < len(payload):
         (magic,) = struct.unpack_from("<I", payload, pos)
-        if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
-            (size,) = struct.unpack_from("<I", payload, pos + 4)
-            pos += 8 + size
-            continue
+        if magic & 0xFFFFFFF0 != 0x184D2A50:
+            break
+        (size,) = struct.unpack_from("<I", payload, pos + 4)
+        pos += 8 + size
+    return pos
+
+
+def _lz4_bound(payload: bytes) -> int:
+    total, pos = 0, 0
+    while (pos := _past_skippable(payload, pos)) < len(payload):
+        (magic,) = struct.unpack_from("<I", payload, pos)
         if magic != 0x184D2204:
             raise ValueError(f"not an LZ4 frame (magic {magic:#x})")
         flags, descriptor = payload[pos + 4], payload[pos + 5]
@@ -140,12 +148,8 @@ def _lz4_bound(payload: bytes) -> int:
 
 def _zstd_bound(payload: bytes) -> int:
     total, pos = 0, 0
-    while pos < len(payload):
+    while (pos := _past_skippable(payload, pos)) < len(payload):
         (magic,) = struct.unpack_from("<I", payload, pos)
-        if magic & 0xFFFFFFF0 == 0x184D2A50:  # a skippable frame
-            (size,) = struct.unpack_from("<I", payload, pos + 4)
-            pos += 8 + size
-            continue
         if magic != 0xFD2FB528:
             raise ValueError(f"not a zstd frame (magic {magic:#x})")
         descriptor = payload[pos + 4]
