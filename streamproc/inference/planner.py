@@ -63,6 +63,11 @@ class DevicePlan:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def planned_bytes(self) -> float:
+        """The device memory the plan gives its replicas: each one's weights and
+        activations."""
+        return self.replicas * (self.model_gb + self.activation_gb) * GIB
+
     def describe(self) -> str:
         mem = (
             f"free={self.free_gb:.1f}/{self.total_gb:.1f}GiB memory_allows={self.memory_allows}"
