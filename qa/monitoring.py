@@ -32,17 +32,22 @@ DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "streamproc.json"
 RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yaml"
 # The dashboard's variables as "All", and Grafana's rate interval at a 1 s scrape.
 VARIABLES = {"$instance": ".*", "$topic": ".*", "$__rate_interval": "5s"}
-# The panels of the picture, by title.
-PICTURED = ("Items/s in and out", "Consumer lag by partition", "End-to-end latency",
-            "Dead letters by reason", "Batch size", "Commits and transaction aborts")
+# The queries of the picture: (panel title, legend) of the dashboard's.
+PICTURED = (("Items/s in and out", "in {{instance}}"), ("Consumer lag by partition", None),
+            ("End-to-end latency", "p99"), ("Dead letters by reason", None))
 
 
-def dashboard_queries(titles: tuple[str, ...] | None = None) -> list[str]:
-    """The dashboard's PromQL (of the panels titled ``titles``, or all), with its variables
-    set to match everything."""
+def dashboard_queries(pick: tuple[tuple[str, str | None], ...] | None = None) -> list[str]:
+    """The dashboard's PromQL, with its variables set to match everything: every query, or
+    those ``pick`` names by panel title and legend (None: the panel's first)."""
     panels = json.loads(DASHBOARD.read_text(encoding="utf-8"))["panels"]
-    exprs = [t["expr"] for p in panels if titles is None or p["title"] in titles
-             for t in p.get("targets", [])]
+    if pick is None:
+        exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+    else:
+        by_title = {p["title"]: p["targets"] for p in panels if p["type"] != "row"}
+        exprs = [next(t["expr"] for t in by_title[title]
+                      if legend is None or t["legendFormat"] == legend)
+                 for title, legend in pick]
     for name, value in VARIABLES.items():
         exprs = [e.replace(name, value) for e in exprs]
     return exprs
@@ -216,7 +221,7 @@ def _screenshot(prom: Prometheus, out: Path, seconds: float) -> None:
                        f"g{i}.range_input": f"{max(int(seconds), 60)}s"})
     url = f"{prom.url}/graph?{urllib.parse.urlencode(params)}"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
-                    "--hide-scrollbars", f"--screenshot={out}", "--window-size=1280,5200",
+                    "--hide-scrollbars", f"--screenshot={out}", "--window-size=1200,2900",
                     "--virtual-time-budget=15000", url],
                    check=True, capture_output=True, timeout=120)
 
