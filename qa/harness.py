@@ -3,8 +3,9 @@
 (:mod:`qa.matrix`): a broker of their own, the processor as a subprocess, and an independent
 ``read_committed`` reader that follows the answers.
 
-``python -m qa.harness serve [--item-delay-s S] [--break-on MARKER]`` is ``streamproc run``
-with the identity summarizer behind a :class:`~streamproc.testing.breakable.BreakableModel`.
+``python -m qa.harness serve [--item-delay-s S] [--break-on MARKER] [--stall-on MARKER
+--stall-s S]`` is ``streamproc run`` with the identity summarizer behind a
+:class:`~streamproc.testing.breakable.BreakableModel`.
 """
 
 from __future__ import annotations
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="streamproc run, with a breakable identity model")
     serve.add_argument("--item-delay-s", type=float, default=0.0)
     serve.add_argument("--break-on", default=None)
+    serve.add_argument("--stall-on", default=None)
+    serve.add_argument("--stall-s", type=float, default=0.0)
     args = parser.parse_args(argv)
     signals.catch()  # as streamproc run does, before the service's imports
     from streamproc.ops.logs import configure_logging
@@ -247,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         configure_logging(settings)
-        return serve_service(settings, breakable_worker(settings, args.item_delay_s,
-                                                        args.break_on))
+        return serve_service(settings, breakable_worker(
+            settings, args.item_delay_s, args.break_on, args.stall_on, args.stall_s))
     except StreamprocError as exc:
         logging.getLogger("qa.harness").error("%s", exc)
         return exc.exit_code

@@ -1,8 +1,8 @@
 """The tests' own helpers (the broker chores are :mod:`streamproc.testing.kafka`'s): where the
 repository and the test broker are, unique topic names, settings for an in-process processor,
 feed items, what a ``read_committed`` reader sees, a worker around the identity summarizer (a
-pure-logic stand-in for the model), and a running ``processor.run()`` that is always stopped,
-drained and closed."""
+pure-logic stand-in for the model), a running ``processor.run()`` that is always stopped,
+drained and closed, and Debian's Prometheus tools for the monitoring tests."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
 
@@ -213,3 +214,15 @@ def never_retrieved(records: Sequence[logging.LogRecord]) -> list[str]:
     garbage collector has had its say."""
     gc.collect()
     return [r.getMessage() for r in records if "never retrieved" in r.getMessage()]
+
+
+def prometheus_tool(name: str) -> str:
+    """The path of ``prometheus`` or ``promtool`` (Debian's ``prometheus`` package). Missing, the
+    test skips, except under CI (``CI`` set), where ``.ci/run`` installs it: there it fails."""
+    path = shutil.which(name)
+    if path is None:
+        why = f"{name} is not installed (Debian: apt-get install prometheus)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return path

@@ -199,10 +199,11 @@ async def test_an_aborted_transaction_is_seen_by_read_uncommitted_only(
         await original(self, offsets, group_id)
 
     monkeypatch.setattr(AIOKafkaProducer, "send_offsets_to_transaction", fail_once)
-    async with running_processor(settings):
+    async with running_processor(settings) as processor:
         await wait_for_output(settings, len(sent))
     expected = Counter(k.decode() for k, _ in sent)
     assert failures and await output_ids(settings) == expected
+    assert processor.stats.transaction_aborts == 1  # streamproc_transaction_aborts_total
     uncommitted = await output_ids(settings, "read_uncommitted")
     assert set(uncommitted) == set(expected) and sum(uncommitted.values()) > len(sent)
     assert await committed(settings) == {0: len(sent)}

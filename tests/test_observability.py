@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
 from streamproc.errors import DeliveryFailed
 from streamproc.kafka.processor import StreamProcessor
@@ -39,6 +40,7 @@ from tests.probes import (
     free_port,
     good_record,
     lag_by_partition,
+    parse_metrics,
     scrape,
     value,
 )
@@ -124,6 +126,11 @@ async def test_metrics_count_what_went_through(kafka_bootstrap: str) -> None:
     assert value(after, "streamproc_commits_total") >= 1
     assert value(after, "streamproc_assigned_partitions") == partitions
     assert value(after, "streamproc_replicas", device="cpu") == 1
+    assert value(after, "streamproc_replicas_planned", device="cpu") == 1
+    assert after[("streamproc_fatal_stop", frozenset())] == 0
+    assert value(after, "streamproc_transaction_aborts_total") == 0
+    assert value(after, "streamproc_partition_pauses_total") == processor.stats.pauses
+    assert ("streamproc_longest_model_call_seconds", frozenset()) in after
     assert value(after, "streamproc_queue_depth_items") == 0
     assert lag_by_partition(after) == dict.fromkeys(range(partitions), 0.0)
     # /metrics reads the very counters get_metrics() and the processor's stats read.
@@ -274,15 +281,24 @@ async def test_liveness_fails_with_its_reason_when_no_replica_is_healthy_or_a_fa
     processor = StreamProcessor(settings, worker)
     try:
         health = OpsServer(settings, worker, processor)
+
+        def gauges() -> tuple[float, float]:  # what the alert rules read of the same state
+            samples = parse_metrics(generate_latest(health.registry).decode())
+            return (samples[("streamproc_fatal_stop", frozenset())],
+                    samples[("streamproc_replicas", frozenset({("device", "cpu")}))])
+
         assert health.liveness() == (True, "ok")
+        assert gauges() == (0, 1)
         processor.fatal = DeliveryFailed("feeds-0: not acknowledged within "
                                          "KAFKA_DELIVERY_TIMEOUT_MS")
         ok, why = health.liveness()
         assert not ok and "KAFKA_DELIVERY_TIMEOUT_MS" in why
+        assert gauges() == (1, 1)
         processor.fatal = None
         for replica in worker.replicas:
             replica.broken(RuntimeError("device-side assert"))
         assert health.liveness() == (False, "no healthy model replica")
+        assert gauges() == (0, 0)
     finally:
         await processor.stop()
         await worker.stop(1)

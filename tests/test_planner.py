@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from streamproc.inference.config import GPUConfig
-from streamproc.inference.planner import DeviceMemory, plan_device, replica_cap
+from streamproc.inference.planner import GIB, DeviceMemory, plan_device, replica_cap
 
 
 def config(**overrides: object) -> GPUConfig:
@@ -87,3 +87,13 @@ def test_replica_cap_is_the_tightest_setting() -> None:
     assert replica_cap(config(enable_multi_model_instances=False)) == (
         1, "multi_instance_disabled")
     assert replica_cap(config(pool_enabled=False)) == (1, "MODEL_POOL_ENABLED")
+
+
+@pytest.mark.parametrize(("shared", "expected_gb"), [(False, 5 * 1.5), (True, 1.0 + 5 * 0.5)])
+def test_planned_memory_counts_the_weights_once_per_copy(shared: bool,
+                                                          expected_gb: float) -> None:
+    """streamproc_gpu_memory_planned_bytes: what the plan gives its replicas."""
+    plan = plan_device(DeviceMemory("cuda:0", 9.5, 9.5), config(max_model_instances=5),
+                       model_gb=1.0, activation_gb=0.5, shared_weights=shared)
+    assert plan.replicas == 5
+    assert plan.planned_bytes() == expected_gb * GIB

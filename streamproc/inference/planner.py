@@ -59,9 +59,16 @@ class DevicePlan:
     activation_gb: float
     buffer_gb: float
     warning: str | None = None
+    shared_weights: bool = False  # the replicas on the device hold one copy of the model
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def planned_bytes(self) -> float:
+        """The device memory the plan gives its replicas: each one's activations, and the
+        weights once per replica (once in all with ``shared_weights``)."""
+        copies = 1 if self.shared_weights else self.replicas
+        return (copies * self.model_gb + self.replicas * self.activation_gb) * GIB
 
     def describe(self) -> str:
         mem = (
@@ -131,6 +138,7 @@ def plan_device(
         device=memory.device, replicas=max(1, replicas), memory_allows=memory_allows,
         limited_by=limited_by, total_gb=memory.total_gb, free_gb=memory.free_gb, model_gb=size,
         activation_gb=activation_gb, buffer_gb=config.model_memory_buffer_gb, warning=warning,
+        shared_weights=shared_weights,
     )
 
 

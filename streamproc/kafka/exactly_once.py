@@ -292,10 +292,12 @@ class ExactlyOnceSink(Sink):
         except asyncio.CancelledError:
             raise
         except BaseException:
+            self.stats.transaction_aborts += 1
             await _abort(producer)
             raise
         finally:
             _retrieve(deliveries)
+        self.stats.transaction_aborts += 1
         await _abort(producer)
         return failed
 

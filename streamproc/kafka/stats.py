@@ -22,6 +22,7 @@ class PipelineStats:
     produced: int = 0
     dead_letters: dict[str, int] = field(default_factory=dict)  # by reason code
     commits: int = 0
+    transaction_aborts: int = 0  # transactions aborted (exactly_once)
     dropped_stale: int = 0  # results of a rewound, revoked or stopped partition's records
     backpressure_seconds: float = 0.0  # time the fetch waited for room in the worker
     pauses: int = 0  # waits long enough to pause the partitions
@@ -45,6 +46,7 @@ class PipelineStats:
             "dead_letters": dict(self.dead_letters),
             "answered_per_second": self.answered() / elapsed,
             "commits": self.commits,
+            "transaction_aborts": self.transaction_aborts,
             "dropped_stale": self.dropped_stale,
             "backpressure_seconds": self.backpressure_seconds,
             "pauses": self.pauses,

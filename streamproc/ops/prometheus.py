@@ -49,6 +49,15 @@ class _Collector(Collector):
         for device, count in worker.get_metrics()["replicas_per_device"].items():
             replicas.add_metric([device], count)
         yield replicas
+        planned = GaugeMetricFamily("streamproc_replicas_planned", "Model replicas the "
+                                    "start-up plan placed.", labels=["device"])
+        for plan in worker.plan:
+            planned.add_metric([plan.device], plan.replicas)
+        yield planned
+        yield GaugeMetricFamily("streamproc_longest_model_call_seconds", "How long the oldest "
+                                "model call in progress has run (0 when idle); /healthz fails "
+                                "past HEALTH_BATCH_DEADLINE_S.",
+                                value=worker.longest_running_call_s())
         yield from self._gpu_memory()
         for histogram in (ws.queue_wait, ws.batch_size_items, ws.batch_size_tokens,
                           ws.batch_inference):
@@ -67,6 +76,14 @@ class _Collector(Collector):
         yield dead
         yield CounterMetricFamily("streamproc_commits", "Offset commits (or committed "
                                   "transactions).", value=ps.commits)
+        yield CounterMetricFamily("streamproc_transaction_aborts", "Transactions aborted "
+                                  "(exactly_once).", value=ps.transaction_aborts)
+        yield CounterMetricFamily("streamproc_partition_pauses", "Fetch waits for room in "
+                                  "the worker's queue long enough to pause the partitions.",
+                                  value=ps.pauses)
+        yield GaugeMetricFamily("streamproc_fatal_stop", "1 once a fault not a record's own "
+                                "has stopped the processor (/healthz fails), else 0.",
+                                value=int(processor.fatal is not None))
         yield CounterMetricFamily("streamproc_backpressure_seconds", "Time the fetch waited "
                                   "for room in the worker's queue.",
                                   value=ps.backpressure_seconds)
@@ -98,3 +115,10 @@ class _Collector(Collector):
             reserved.add_metric([device], torch.cuda.memory_reserved(device))
         yield used
         yield reserved
+        planned = GaugeMetricFamily("streamproc_gpu_memory_planned_bytes", "Memory the "
+                                    "start-up plan gave the replicas: weights and activations "
+                                    "of each.", labels=["device"])
+        for plan in self.worker.plan:
+            if plan.device in devices:
+                planned.add_metric([plan.device], plan.planned_bytes())
+        yield planned
