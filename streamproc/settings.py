@@ -151,6 +151,7 @@ class KafkaSettings(_Section):
     kafka_dlq_topic: str = "feeds.dlq"
     kafka_group_id: str = "streamproc"
     kafka_client_id: str = "streamproc"
+    kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     kafka_create_topics: bool = False
     kafka_topic_partitions: int = Field(default=3, ge=1)
     kafka_max_poll_records: int = Field(default=500, ge=1)

@@ -67,7 +67,7 @@ def consumer_for(settings: KafkaSettings, **overrides: Any) -> AIOKafkaConsumer:
         **client_options(settings),
         **group_options(settings),
         enable_auto_commit=False,
-        auto_offset_reset="earliest",
+        auto_offset_reset=settings.kafka_auto_offset_reset,
         isolation_level="read_committed",
         max_poll_records=settings.kafka_max_poll_records,
         **overrides,

@@ -374,7 +374,8 @@ class StreamProcessor(Lifecycle):
             return
         self.stats.rebalances += 1
         self.stats.generation = generation
-        new = [Partition(tp, self.consumer) for tp in sorted(assigned)
+        new = [Partition(tp, self.consumer, self.settings.kafka_auto_offset_reset)
+               for tp in sorted(assigned)
                if tp not in self._partitions]
         for partition in new:
             self._partitions[partition.tp] = partition
