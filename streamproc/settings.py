@@ -154,6 +154,7 @@ class KafkaSettings(_Section):
     kafka_auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     kafka_create_topics: bool = False
     kafka_topic_partitions: int = Field(default=3, ge=1)
+    kafka_topic_replication_factor: int | None = Field(default=None, ge=1)
     kafka_max_poll_records: int = Field(default=500, ge=1)
     kafka_commit_interval_ms: int = Field(default=1000, ge=10)
     kafka_connect_timeout_s: float = Field(default=30.0, gt=0)
