@@ -35,6 +35,7 @@ from ..settings import KafkaSettings
 from .fetched import FetchedRecord, FetchLimits, guarded
 from .partition import Entry, Partition
 from .stats import PipelineStats
+from .tracing import record_trace
 from .worker import TextWorker
 
 __all__ = ["BACKPRESSURE_CHECK_S", "OPEN_RECORDS_PER_QUEUE_SLOT", "PAUSE_AFTER_S", "Intake"]
@@ -156,10 +157,10 @@ class Intake:
         fresh = partition.accept(records)
         if not fresh:
             return
-        fetched_at, epoch = time.monotonic(), partition.epoch
+        fetched_at, fetched_ns, epoch = time.monotonic(), time.time_ns(), partition.epoch
         entries: list[Entry] = []
         for record in fresh:
-            entry = Entry(epoch, record, fetched_at)
+            entry = Entry(epoch, record, fetched_at, trace=record_trace(record, fetched_ns))
             problem = record.problem if isinstance(record, FetchedRecord) else None
             try:
                 if problem is not None:
@@ -176,4 +177,9 @@ class Intake:
                                                  if entry.item is not None])
         for entry, future in zip(valid, futures, strict=True):
             entry.outcome = future
+        for entry in entries:
+            if (trace := entry.trace) is not None:
+                trace.stage("consume")
+                if entry.outcome is not None:
+                    entry.outcome.add_done_callback(trace.inferred)
         partition.enqueue(entries)

@@ -66,6 +66,7 @@ from .offsets import OffsetTracker
 if TYPE_CHECKING:
     from ..errors import StreamprocError
     from ..records import FeedItem
+    from .tracing import RecordTrace
 
 __all__ = ["Entry", "Partition", "Phase"]
 
@@ -95,6 +96,7 @@ class Entry:
     item: FeedItem | None = None
     outcome: asyncio.Future[str] | None = None
     error: StreamprocError | None = None
+    trace: RecordTrace | None = None  # with the otel extra
 
 
 class Partition:
