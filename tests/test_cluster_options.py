@@ -1,15 +1,19 @@
 """Settings for running against one's own cluster, against the real broker: where a new
-group starts (``KAFKA_AUTO_OFFSET_RESET``) and how missing topics are created."""
+group starts (``KAFKA_AUTO_OFFSET_RESET``), how missing topics are created, and client
+options passed through (``KAFKA_CONSUMER_EXTRA``, ``KAFKA_PRODUCER_EXTRA``)."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streamproc.errors import ConfigError
+from streamproc.kafka.clients import consumer_for, producer_for
 from streamproc.kafka.topics import BROKER_DEFAULT, ensure_topics, new_topic
+from streamproc.settings import Settings, load_settings
 from tests.helpers import (
     committed,
     items,
@@ -63,3 +67,46 @@ async def test_a_replication_factor_the_cluster_cannot_place_names_the_variable(
                             kafka_topic_replication_factor=2)
     with pytest.raises(ConfigError, match="KAFKA_TOPIC_REPLICATION_FACTOR=2: the broker refused"):
         await ensure_topics(settings)
+
+
+async def test_passthrough_options_reach_the_live_clients(kafka_bootstrap: str) -> None:
+    settings = settings_for(
+        kafka_bootstrap, kafka_consumer_extra='{"connections_max_idle_ms": 123456, '
+                                              '"fetch_max_bytes": 654321}',
+        kafka_producer_extra='{"connections_max_idle_ms": 234567, "linger_ms": 0}')
+    await service_topics(settings, input_partitions=1)
+    await produce(kafka_bootstrap, settings.kafka_input_topic, items(2, "x"))
+    async with running_processor(settings) as processor:
+        await wait_for_output(settings, 2, timeout_s=30)
+        consumer = processor.consumer
+        assert consumer._client._connections_max_idle_ms == 123456
+        assert consumer._fetch_max_bytes == 654321
+        producer = getattr(processor.sink, "producer", None)
+        assert producer is not None and producer.client._connections_max_idle_ms == 234567
+
+
+@pytest.mark.parametrize(("variable", "value", "problem"), [
+    ("kafka_consumer_extra", '{"isolation_level": "read_uncommitted"}',
+     "'isolation_level' is streamproc's own"),
+    ("kafka_producer_extra", '{"transactional_id": "mine"}',
+     "'transactional_id' is streamproc's own .KAFKA_TRANSACTIONAL_ID_PREFIX."),
+    ("kafka_consumer_extra", "[1]", "valid dictionary"),
+    ("kafka_producer_extra", "{linger_ms: 1}", "not JSON"),
+])
+def test_a_bad_passthrough_option_fails_at_start_naming_the_variable(
+        variable: str, value: str, problem: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(variable.upper(), value)
+    with pytest.raises(ConfigError, match=f"^{variable.upper()}=.*{problem}") as caught:
+        load_settings(None)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("variable", "value", "client"), [
+    ("kafka_consumer_extra", {"linger_ms": 5}, consumer_for),
+    ("kafka_producer_extra", {"fetch_max_bytes": 5}, producer_for),
+])
+def test_an_option_the_client_does_not_take_fails_naming_the_variable(
+        variable: str, value: dict[str, int], client: Callable[[Settings], object]) -> None:
+    settings = load_settings(None, **{variable: value})
+    with pytest.raises(ConfigError, match=f"^{variable.upper()}=.*is not an option of aiokafka"):
+        client(settings)

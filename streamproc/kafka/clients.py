@@ -4,6 +4,7 @@ setting no retry can fix from a broker that is not up yet."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
 import ssl
@@ -61,17 +62,31 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
     return options
 
 
+def _extra(variable: str, client: type[AIOKafkaConsumer | AIOKafkaProducer],
+           options: dict[str, Any]) -> dict[str, Any]:
+    """``KAFKA_CONSUMER_EXTRA`` or ``KAFKA_PRODUCER_EXTRA``, every key an option of
+    ``client`` (the settings already refused streamproc's own)."""
+    known = set(inspect.signature(client.__init__).parameters) - {"self", "loop"}
+    for key in options:
+        if key not in known:
+            raise ConfigError(variable, options,
+                              f"{key!r} is not an option of aiokafka's {client.__name__}")
+    return options
+
+
 def consumer_for(settings: KafkaSettings, **overrides: Any) -> AIOKafkaConsumer:
-    """The group's consumer (its group options are :func:`~.group.group_options`)."""
-    return AIOKafkaConsumer(
+    """The group's consumer (its group options are :func:`~.group.group_options`), with
+    ``KAFKA_CONSUMER_EXTRA``'s options."""
+    return AIOKafkaConsumer(**{
         **client_options(settings),
         **group_options(settings),
-        enable_auto_commit=False,
-        auto_offset_reset=settings.kafka_auto_offset_reset,
-        isolation_level="read_committed",
-        max_poll_records=settings.kafka_max_poll_records,
+        "enable_auto_commit": False,
+        "auto_offset_reset": settings.kafka_auto_offset_reset,
+        "isolation_level": "read_committed",
+        "max_poll_records": settings.kafka_max_poll_records,
+        **_extra("KAFKA_CONSUMER_EXTRA", AIOKafkaConsumer, settings.kafka_consumer_extra),
         **overrides,
-    )
+    })
 
 
 def producer_for(settings: KafkaSettings, *, record_limit: int | None = None,
@@ -80,7 +95,8 @@ def producer_for(settings: KafkaSettings, *, record_limit: int | None = None,
     says. ``record_limit``: the largest batch the topics it writes take (the smallest of their
     ``max.message.bytes``, read at start). Its batches are kept within it: the broker checks
     a topic's limit against a whole producer batch, so one larger than the limit would refuse
-    records that each fit."""
+    records that each fit. ``KAFKA_PRODUCER_EXTRA``'s options come on top (``linger_ms``, for
+    one, replaces the 5 ms here)."""
     compression = settings.kafka_compression_type
     options: dict[str, Any] = {
         "acks": "all", "enable_idempotence": True, "linger_ms": 5,
@@ -90,6 +106,8 @@ def producer_for(settings: KafkaSettings, *, record_limit: int | None = None,
     }
     if "transactional_id" in overrides:
         options["transaction_timeout_ms"] = settings.kafka_transaction_timeout_ms
+    options.update(_extra("KAFKA_PRODUCER_EXTRA", AIOKafkaProducer,
+                          settings.kafka_producer_extra))
     options.update(overrides)
     return AIOKafkaProducer(**client_options(settings), **options)
 
