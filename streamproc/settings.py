@@ -223,18 +223,48 @@ class KafkaSettings(_Section):
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = (
         "PLAINTEXT"
     )
-    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_mechanism: Literal[
+        "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER", "GSSAPI"] | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_oauth_token_file: str | None = None
+    kafka_sasl_oauth_msk_region: str | None = None
+    kafka_sasl_oauth_token: SecretStr | None = None
+    kafka_sasl_kerberos_service_name: str = "kafka"
+    kafka_sasl_kerberos_domain_name: str | None = None
     kafka_ssl_cafile: str | None = None
     kafka_ssl_certfile: str | None = None
     kafka_ssl_keyfile: str | None = None
+    kafka_ssl_key_password: SecretStr | None = None
     kafka_transactional_id_prefix: str = "streamproc"
     kafka_consumer_extra: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
     kafka_producer_extra: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     max_input_bytes: int = Field(default=1_000_000, ge=1)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper_mechanism(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("kafka_sasl_oauth_token")
+    @classmethod
+    def _one_token_source(cls, value: SecretStr | None, info: ValidationInfo
+                          ) -> SecretStr | None:
+        """OAUTHBEARER takes its token from exactly one of the three variables."""
+        if info.data.get("kafka_sasl_mechanism") != "OAUTHBEARER":
+            return value
+        given = [name for name, set_ in (
+            ("KAFKA_SASL_OAUTH_TOKEN", value is not None),
+            ("KAFKA_SASL_OAUTH_TOKEN_FILE", bool(info.data.get("kafka_sasl_oauth_token_file"))),
+            ("KAFKA_SASL_OAUTH_MSK_REGION", bool(info.data.get("kafka_sasl_oauth_msk_region"))),
+        ) if set_]
+        if len(given) != 1:
+            raise ValueError("KAFKA_SASL_MECHANISM=OAUTHBEARER takes its token from exactly "
+                             "one of KAFKA_SASL_OAUTH_TOKEN, KAFKA_SASL_OAUTH_TOKEN_FILE and "
+                             f"KAFKA_SASL_OAUTH_MSK_REGION (set: {', '.join(given) or 'none'})")
+        return value
 
     @field_validator("kafka_consumer_extra", "kafka_producer_extra", mode="before")
     @classmethod

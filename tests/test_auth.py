@@ -1,0 +1,151 @@
+"""Authentication end to end against a real broker with a SASL listener (one broker for the
+module, started beside the session's): SCRAM-SHA-256 and -512 with users made when its
+storage is formatted, and OAUTHBEARER with Kafka's unsecured JWS validator (a token signed
+with ``alg: none``). A login the broker refuses stops start-up at once, naming the variable
+to fix. Then the pure parts: the token file read again when it changes, the one-token-source
+rule, and an encrypted TLS client key opened with ``KAFKA_SSL_KEY_PASSWORD``."""
+
+from __future__ import annotations
+
+import base64
+import os
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from streamproc.errors import ConfigError
+from streamproc.kafka.auth import FileToken, security_options
+from streamproc.kafka.topics import ensure_topics
+from streamproc.settings import Settings, load_settings
+from streamproc.testing.kafka import LocalBroker, free_port_pair
+from tests.helpers import (
+    items,
+    output_ids,
+    produce,
+    running_processor,
+    settings_for,
+    wait_for_output,
+)
+
+pytestmark = pytest.mark.kafka
+
+USER, PASSWORD = "alice", "alice-secret"
+SASL_PROPERTIES = "\n".join([
+    "sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,OAUTHBEARER",
+    *(f"listener.name.sasl_plaintext.{m}.sasl.jaas.config="
+      "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+      for m in ("scram-sha-256", "scram-sha-512")),
+    "listener.name.sasl_plaintext.oauthbearer.sasl.jaas.config="
+    "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;",
+])
+
+
+@pytest.fixture(scope="module")
+def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(plaintext bootstrap, SASL_PLAINTEXT bootstrap) of a broker with SCRAM user alice."""
+    sasl_port = free_port_pair()
+    broker = LocalBroker.on_free_ports(tmp_path_factory.mktemp("sasl-kafka"),
+                                       properties=SASL_PROPERTIES,
+                                       listeners={"SASL_PLAINTEXT": sasl_port},
+                                       scram_users={USER: PASSWORD})
+    with broker:
+        yield broker.bootstrap, f"127.0.0.1:{sasl_port}"
+
+
+def unsecured_jwt(subject: str, lifetime_s: float = 3600) -> str:
+    """A JWS with ``alg: none``, as Kafka's unsecured validator takes it."""
+    def part(claims: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(orjson.dumps(claims)).rstrip(b"=").decode()
+
+    now = time.time()
+    return (f"{part({'alg': 'none'})}."
+            f"{part({'sub': subject, 'iat': now, 'exp': now + lifetime_s})}.")
+
+
+def sasl_settings(bootstrap: str, mechanism: str, **overrides: Any) -> Settings:
+    return settings_for(bootstrap, kafka_security_protocol="SASL_PLAINTEXT",
+                        kafka_sasl_mechanism=mechanism, kafka_create_topics=True,
+                        kafka_topic_partitions=1, **overrides)
+
+
+async def round_trip(settings: Settings, plaintext: str) -> None:
+    """Topics created, two items summarized and committed, all over the SASL listener; read
+    back through the plaintext one."""
+    async with running_processor(settings):
+        await produce(plaintext, settings.kafka_input_topic, items(2, "auth"))
+        await wait_for_output(settings.model_copy(
+            update={"kafka_bootstrap_servers": plaintext}), 2, timeout_s=30)
+    assert set(await output_ids(settings.model_copy(
+        update={"kafka_bootstrap_servers": plaintext}))) == {"auth-0000", "auth-0001"}
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
+async def test_scram_logs_in_and_summarizes(sasl_broker: tuple[str, str], mechanism: str) -> None:
+    plaintext, sasl = sasl_broker
+    await round_trip(sasl_settings(sasl, mechanism, kafka_sasl_username=USER,
+                                   kafka_sasl_password=PASSWORD), plaintext)
+
+
+async def test_oauthbearer_with_a_token_file_logs_in_and_summarizes(
+        sasl_broker: tuple[str, str], tmp_path: Path) -> None:
+    plaintext, sasl = sasl_broker
+    token_file = tmp_path / "token"
+    token_file.write_text(unsecured_jwt(USER) + "\n")
+    await round_trip(sasl_settings(sasl, "OAUTHBEARER",
+                                   kafka_sasl_oauth_token_file=str(token_file)), plaintext)
+
+
+@pytest.mark.parametrize(("mechanism", "overrides", "variable"), [
+    ("SCRAM-SHA-512", {"kafka_sasl_username": USER, "kafka_sasl_password": "wrong"},
+     "KAFKA_SASL_USERNAME"),
+    ("OAUTHBEARER", {"kafka_sasl_oauth_token": unsecured_jwt(USER, lifetime_s=-60)},
+     "KAFKA_SASL_OAUTH_TOKEN"),
+])
+async def test_a_refused_login_stops_start_up_at_once_naming_the_variable(
+        sasl_broker: tuple[str, str], mechanism: str, overrides: dict[str, str],
+        variable: str) -> None:
+    settings = sasl_settings(sasl_broker[1], mechanism, **overrides)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f"^{variable}=.*authentication failed"):
+        await ensure_topics(settings)
+    assert time.monotonic() - started < settings.kafka_connect_timeout_s / 2
+
+
+async def test_the_token_file_is_read_again_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("first\n")
+    provider = FileToken(str(path))
+    assert await provider.token() == "first"
+    path.write_text("second-token\n")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
+    assert await provider.token() == "second-token"
+    path.unlink()
+    with pytest.raises(ConfigError, match=r"^KAFKA_SASL_OAUTH_TOKEN_FILE=.*cannot read it"):
+        await provider.token()
+
+
+@pytest.mark.parametrize("sources", [{}, {"kafka_sasl_oauth_token": "t",
+                                          "kafka_sasl_oauth_msk_region": "eu-west-1"}])
+def test_oauthbearer_takes_exactly_one_token_source(sources: dict[str, str]) -> None:
+    with pytest.raises(ConfigError, match=r"^KAFKA_SASL_OAUTH_TOKEN=.*exactly one of"):
+        load_settings(None, kafka_security_protocol="SASL_SSL",
+                      kafka_sasl_mechanism="OAUTHBEARER", **sources)
+
+
+def test_an_encrypted_client_key_opens_with_kafka_ssl_key_password(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-days", "1",
+                    "-passout", "pass:key-secret", "-subj", "/CN=client", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    files = {"kafka_security_protocol": "SSL", "kafka_ssl_certfile": str(cert),
+             "kafka_ssl_keyfile": str(key)}
+    opened = security_options(load_settings(None, kafka_ssl_key_password="key-secret", **files))
+    assert isinstance(opened["ssl_context"], ssl.SSLContext)
+    with pytest.raises(ssl.SSLError):
+        security_options(load_settings(None, kafka_ssl_key_password="wrong", **files))
