@@ -20,6 +20,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .inference.config import ENV_NAMES, DeviceIds, GPUConfig, config_error
+from .records import InputFields
 
 __all__ = [
     "CHARS_PER_TOKEN_CAP", "DEFAULT_MAX_INPUT_TOKENS", "DEFAULT_MAX_SUMMARY_CHARS",
@@ -241,6 +242,9 @@ class KafkaSettings(_Section):
     kafka_producer_extra: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
     processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     max_input_bytes: int = Field(default=1_000_000, ge=1)
+    input_id_field: str = Field(default="id", min_length=1)
+    input_text_field: str = Field(default="text", min_length=1)
+    input_title_field: str | None = Field(default="title", min_length=1)
     shutdown_timeout_s: float = Field(default=30.0, gt=0)
 
     @field_validator("kafka_sasl_mechanism", mode="before")
@@ -265,6 +269,24 @@ class KafkaSettings(_Section):
                              "one of KAFKA_SASL_OAUTH_TOKEN, KAFKA_SASL_OAUTH_TOKEN_FILE and "
                              f"KAFKA_SASL_OAUTH_MSK_REGION (set: {', '.join(given) or 'none'})")
         return value
+
+    @field_validator("input_id_field", "input_text_field", "input_title_field")
+    @classmethod
+    def _distinct_fields(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """The id, text and title are three different fields of the input."""
+        taken = {info.data.get(name): name.upper() for name in ("input_id_field",
+                                                                 "input_text_field")}
+        if value is not None and value in taken and taken[value] != (info.field_name or
+                                                                     "").upper():
+            raise ValueError(f"{value!r} is {taken[value]} already")
+        if value in ("url", "published_at", "lang"):
+            raise ValueError(f"{value!r} is an optional field of its own")
+        return value
+
+    @property
+    def input_fields(self) -> InputFields:
+        """The input's field names for the id, text and title."""
+        return InputFields(self.input_id_field, self.input_text_field, self.input_title_field)
 
     @field_validator("kafka_consumer_extra", "kafka_producer_extra", mode="before")
     @classmethod

@@ -1,12 +1,14 @@
 """Settings for running against one's own cluster, against the real broker: where a new
 group starts (``KAFKA_AUTO_OFFSET_RESET``), how missing topics are created, and client
-options passed through (``KAFKA_CONSUMER_EXTRA``, ``KAFKA_PRODUCER_EXTRA``)."""
+options passed through (``KAFKA_CONSUMER_EXTRA``, ``KAFKA_PRODUCER_EXTRA``), and input
+fields of other names (``INPUT_*_FIELD``)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 
+import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
@@ -14,6 +16,7 @@ from streamproc.errors import ConfigError
 from streamproc.kafka.clients import consumer_for, producer_for
 from streamproc.kafka.topics import BROKER_DEFAULT, ensure_topics, new_topic
 from streamproc.settings import Settings, load_settings
+from streamproc.testing.kafka import read_to_end
 from tests.helpers import (
     committed,
     items,
@@ -110,3 +113,23 @@ def test_an_option_the_client_does_not_take_fails_naming_the_variable(
     settings = load_settings(None, **{variable: value})
     with pytest.raises(ConfigError, match=f"^{variable.upper()}=.*is not an option of aiokafka"):
         client(settings)
+
+
+async def test_a_feed_with_its_own_field_names_is_summarized(kafka_bootstrap: str) -> None:
+    settings = settings_for(kafka_bootstrap, input_id_field="guid", input_text_field="body",
+                            input_title_field="headline")
+    await service_topics(settings, input_partitions=1)
+    await produce(kafka_bootstrap, settings.kafka_input_topic, [
+        (b"g1", orjson.dumps({"guid": "g1", "body": "It rained. Then more.", "headline": "H"})),
+        (b"g2", orjson.dumps({"id": "g2", "text": "The default names."}))])
+    async with running_processor(settings):
+        await wait_for_output(settings, 1, timeout_s=30)
+        for _ in range(100):  # the dead letter follows the summary on the same partition
+            if await read_to_end(kafka_bootstrap, settings.kafka_dlq_topic):
+                break
+            await asyncio.sleep(0.1)
+    [output] = await read_to_end(kafka_bootstrap, settings.kafka_output_topic)
+    summary = orjson.loads(output.value)
+    assert (summary["id"], summary["summary"], summary["title"]) == ("g1", "It rained.", "H")
+    [letter] = await read_to_end(kafka_bootstrap, settings.kafka_dlq_topic)
+    assert dict(letter.headers)["streamproc.error.code"] == b"missing_id"

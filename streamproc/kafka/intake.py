@@ -57,6 +57,7 @@ class Intake:
                  stats: PipelineStats, partitions: Mapping[TopicPartition, Partition],
                  stop: asyncio.Event, on_fatal: Callable[[StreamprocError], None]) -> None:
         self.settings = settings
+        self.fields = settings.input_fields
         self.on_fatal = on_fatal
         self.limits = FetchLimits(
             max_batch_bytes=settings.kafka_max_decompressed_batch_bytes,
@@ -167,7 +168,8 @@ class Intake:
                     raise InvalidRecord(problem, "undecodable")
                 entry.item = decode_feed_item(record.value,
                                               max_input_bytes=self.settings.max_input_bytes,
-                                              size=record.serialized_value_size)
+                                              size=record.serialized_value_size,
+                                              fields=self.fields)
             except InvalidRecord as exc:
                 entry.error = exc
             entries.append(entry)
