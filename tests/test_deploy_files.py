@@ -231,7 +231,8 @@ def test_k8s_configured_variables_are_real_settings_that_parse() -> None:
                      if k.lower() not in Settings.model_fields)
     assert not unknown, f"not streamproc settings: {unknown}"
     overrides: dict[str, Any] = {k.lower(): v for k, v in env.items()}
-    Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+    assert settings.autotune_enabled, "GPU_BATCH_SIZE in the manifests turns calibration off"
 
 
 def test_k8s_statefulset_runs_the_image_with_run() -> None:
