@@ -72,7 +72,7 @@ RUN apt-get update \
     && groupadd --system --gid 10001 streamproc \
     && useradd --system --uid 10001 --gid streamproc --create-home \
        --home-dir /home/streamproc --shell /usr/sbin/nologin streamproc \
-    && mkdir -p /home/streamproc/.cache/huggingface \
+    && mkdir -p /home/streamproc/.cache/huggingface /home/streamproc/.cache/streamproc \
     && chown -R streamproc:streamproc /home/streamproc
 
 COPY --from=builder /opt/venv /opt/venv
