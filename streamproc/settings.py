@@ -231,6 +231,8 @@ class KafkaSettings(_Section):
     kafka_sasl_oauth_token_file: str | None = None
     kafka_sasl_oauth_msk_region: str | None = None
     kafka_sasl_oauth_token: SecretStr | None = None
+    kafka_sasl_oauth_extensions: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=dict)
     kafka_sasl_kerberos_service_name: str = "kafka"
     kafka_sasl_kerberos_domain_name: str | None = None
     kafka_ssl_cafile: str | None = None
@@ -288,7 +290,8 @@ class KafkaSettings(_Section):
         """The input's field names for the id, text and title."""
         return InputFields(self.input_id_field, self.input_text_field, self.input_title_field)
 
-    @field_validator("kafka_consumer_extra", "kafka_producer_extra", mode="before")
+    @field_validator("kafka_consumer_extra", "kafka_producer_extra",
+                     "kafka_sasl_oauth_extensions", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         """A JSON object from the environment; empty means none."""

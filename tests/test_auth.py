@@ -1,5 +1,5 @@
-"""Authentication end to end against a real broker with a SASL listener (one broker for the
-module, started beside the session's): SCRAM-SHA-256 and -512 with users made when its
+"""Authentication end to end against a real broker with a SASL listener (``second_broker``,
+started once beside the session's): SCRAM-SHA-256 and -512 with users made when its
 storage is formatted, and OAUTHBEARER with Kafka's unsecured JWS validator (a token signed
 with ``alg: none``). A login the broker refuses stops start-up at once, naming the variable
 to fix. Then the pure parts: the token file read again when it changes, the one-token-source
@@ -12,7 +12,6 @@ import os
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from streamproc.errors import ConfigError
 from streamproc.kafka.auth import FileToken, security_options
 from streamproc.kafka.topics import ensure_topics
 from streamproc.settings import Settings, load_settings
-from streamproc.testing.kafka import LocalBroker, free_port_pair
+from tests.conftest import SECOND_BROKER_USER
 from tests.helpers import (
     items,
     output_ids,
@@ -35,27 +34,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.kafka
 
-USER, PASSWORD = "alice", "alice-secret"
-SASL_PROPERTIES = "\n".join([
-    "sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,OAUTHBEARER",
-    *(f"listener.name.sasl_plaintext.{m}.sasl.jaas.config="
-      "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-      for m in ("scram-sha-256", "scram-sha-512")),
-    "listener.name.sasl_plaintext.oauthbearer.sasl.jaas.config="
-    "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;",
-])
-
-
-@pytest.fixture(scope="module")
-def sasl_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """(plaintext bootstrap, SASL_PLAINTEXT bootstrap) of a broker with SCRAM user alice."""
-    sasl_port = free_port_pair()
-    broker = LocalBroker.on_free_ports(tmp_path_factory.mktemp("sasl-kafka"),
-                                       properties=SASL_PROPERTIES,
-                                       listeners={"SASL_PLAINTEXT": sasl_port},
-                                       scram_users={USER: PASSWORD})
-    with broker:
-        yield broker.bootstrap, f"127.0.0.1:{sasl_port}"
+USER, PASSWORD = SECOND_BROKER_USER
 
 
 def unsecured_jwt(subject: str, lifetime_s: float = 3600) -> str:
@@ -71,7 +50,8 @@ def unsecured_jwt(subject: str, lifetime_s: float = 3600) -> str:
 def sasl_settings(bootstrap: str, mechanism: str, **overrides: Any) -> Settings:
     return settings_for(bootstrap, kafka_security_protocol="SASL_PLAINTEXT",
                         kafka_sasl_mechanism=mechanism, kafka_create_topics=True,
-                        kafka_topic_partitions=1, **overrides)
+                        kafka_topic_partitions=1, kafka_topic_replication_factor=1,
+                        **overrides)
 
 
 async def round_trip(settings: Settings, plaintext: str) -> None:
@@ -86,19 +66,22 @@ async def round_trip(settings: Settings, plaintext: str) -> None:
 
 
 @pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "SCRAM-SHA-512"])
-async def test_scram_logs_in_and_summarizes(sasl_broker: tuple[str, str], mechanism: str) -> None:
-    plaintext, sasl = sasl_broker
+async def test_scram_logs_in_and_summarizes(second_broker: tuple[str, str], mechanism: str) -> None:
+    plaintext, sasl = second_broker
     await round_trip(sasl_settings(sasl, mechanism, kafka_sasl_username=USER,
                                    kafka_sasl_password=PASSWORD), plaintext)
 
 
 async def test_oauthbearer_with_a_token_file_logs_in_and_summarizes(
-        sasl_broker: tuple[str, str], tmp_path: Path) -> None:
-    plaintext, sasl = sasl_broker
+        second_broker: tuple[str, str], tmp_path: Path) -> None:
+    plaintext, sasl = second_broker
     token_file = tmp_path / "token"
     token_file.write_text(unsecured_jwt(USER) + "\n")
-    await round_trip(sasl_settings(sasl, "OAUTHBEARER",
-                                   kafka_sasl_oauth_token_file=str(token_file)), plaintext)
+    settings = sasl_settings(sasl, "OAUTHBEARER", kafka_sasl_oauth_token_file=str(token_file),
+                             kafka_sasl_oauth_extensions='{"traceId": "t-1"}')
+    assert security_options(settings)["sasl_oauth_token_provider"].extensions() == {
+        "traceId": "t-1"}
+    await round_trip(settings, plaintext)
 
 
 @pytest.mark.parametrize(("mechanism", "overrides", "variable"), [
@@ -108,9 +91,9 @@ async def test_oauthbearer_with_a_token_file_logs_in_and_summarizes(
      "KAFKA_SASL_OAUTH_TOKEN"),
 ])
 async def test_a_refused_login_stops_start_up_at_once_naming_the_variable(
-        sasl_broker: tuple[str, str], mechanism: str, overrides: dict[str, str],
+        second_broker: tuple[str, str], mechanism: str, overrides: dict[str, str],
         variable: str) -> None:
-    settings = sasl_settings(sasl_broker[1], mechanism, **overrides)
+    settings = sasl_settings(second_broker[1], mechanism, **overrides)
     started = time.monotonic()
     with pytest.raises(ConfigError, match=f"^{variable}=.*authentication failed"):
         await ensure_topics(settings)

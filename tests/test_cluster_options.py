@@ -64,6 +64,15 @@ async def test_created_topics_take_the_partitions_and_the_brokers_replication_de
     assert await replicas(kafka_bootstrap, names) == {name: [1, 1] for name in names}
 
 
+async def test_the_replication_default_is_the_brokers_not_one(
+        second_broker: tuple[str, str]) -> None:
+    """That broker's default.replication.factor is 2, more than its one node can place: the
+    creation is refused, where a factor of 1 would have passed."""
+    settings = settings_for(second_broker[0], kafka_create_topics=True)
+    with pytest.raises(ConfigError, match=r"^KAFKA_TOPIC_REPLICATION_FACTOR=None: the broker"):
+        await ensure_topics(settings)
+
+
 async def test_a_replication_factor_the_cluster_cannot_place_names_the_variable(
         kafka_bootstrap: str) -> None:
     settings = settings_for(kafka_bootstrap, kafka_create_topics=True,

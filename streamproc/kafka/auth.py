@@ -11,6 +11,8 @@ providers of SASL OAUTHBEARER.
   a sidecar or a Kubernetes projected volume refreshes) or ``KAFKA_SASL_OAUTH_MSK_REGION``
   (AWS MSK IAM: tokens signed with the process's AWS credentials by
   ``aws-msk-iam-sasl-signer-python``, the ``msk`` extra, renewed before they expire).
+  ``KAFKA_SASL_OAUTH_EXTENSIONS`` adds SASL extensions to the login (Confluent Cloud wants
+  ``logicalCluster`` and ``identityPoolId``).
 - ``GSSAPI`` (Kerberos; aiokafka's ``gssapi`` extra, and a ticket from ``kinit`` or a
   keytab): ``KAFKA_SASL_KERBEROS_SERVICE_NAME`` and ``KAFKA_SASL_KERBEROS_DOMAIN_NAME``.
 
@@ -40,21 +42,34 @@ __all__ = ["FileToken", "MskIamToken", "StaticToken", "oauth_refusal", "security
 MSK_RENEW_BEFORE_S = 60.0  # an MSK IAM token is renewed this long before it expires
 
 
-class StaticToken(AbstractTokenProvider):  # type: ignore[misc]
+class _Provider(AbstractTokenProvider):  # type: ignore[misc]
+    """A token provider with ``KAFKA_SASL_OAUTH_EXTENSIONS`` (aiokafka sends what
+    :meth:`extensions` returns with the token)."""
+
+    def __init__(self, extensions: dict[str, str] | None = None) -> None:
+        self._extensions = dict(extensions or {})
+
+    def extensions(self) -> dict[str, str]:
+        return self._extensions
+
+
+class StaticToken(_Provider):
     """``KAFKA_SASL_OAUTH_TOKEN``: the same token on every connection."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, extensions: dict[str, str] | None = None) -> None:
+        super().__init__(extensions)
         self._token = token
 
     async def token(self) -> str:
         return self._token
 
 
-class FileToken(AbstractTokenProvider):  # type: ignore[misc]
+class FileToken(_Provider):
     """``KAFKA_SASL_OAUTH_TOKEN_FILE``: the file's content, stripped, read again whenever
     its modification time or size changes (checked on each new connection)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, extensions: dict[str, str] | None = None) -> None:
+        super().__init__(extensions)
         self.path = Path(path)
         self._seen: tuple[int, int] | None = None
         self._token = ""
@@ -73,11 +88,12 @@ class FileToken(AbstractTokenProvider):  # type: ignore[misc]
         return self._token
 
 
-class MskIamToken(AbstractTokenProvider):  # type: ignore[misc]
+class MskIamToken(_Provider):
     """``KAFKA_SASL_OAUTH_MSK_REGION``: AWS MSK IAM tokens from the signer package (the
     ``msk`` extra, imported on first use), each kept until a minute before it expires."""
 
-    def __init__(self, region: str) -> None:
+    def __init__(self, region: str, extensions: dict[str, str] | None = None) -> None:
+        super().__init__(extensions)
         self.region = region
         self._token = ""
         self._expires_at = 0.0  # wall clock, s
@@ -105,13 +121,14 @@ def token_variable(settings: KafkaSettings) -> str:
     return "KAFKA_SASL_OAUTH_TOKEN"
 
 
-def _token_provider(settings: KafkaSettings) -> AbstractTokenProvider:
+def _token_provider(settings: KafkaSettings) -> _Provider:
+    extensions = settings.kafka_sasl_oauth_extensions
     if settings.kafka_sasl_oauth_token_file:
-        return FileToken(os.path.expanduser(settings.kafka_sasl_oauth_token_file))
+        return FileToken(os.path.expanduser(settings.kafka_sasl_oauth_token_file), extensions)
     if settings.kafka_sasl_oauth_msk_region:
-        return MskIamToken(settings.kafka_sasl_oauth_msk_region)
+        return MskIamToken(settings.kafka_sasl_oauth_msk_region, extensions)
     token = settings.kafka_sasl_oauth_token
-    return StaticToken(token.get_secret_value() if token else "")
+    return StaticToken(token.get_secret_value() if token else "", extensions)
 
 
 def security_options(settings: KafkaSettings) -> dict[str, Any]:
@@ -161,8 +178,9 @@ async def oauth_refusal(settings: KafkaSettings, host: str, port: int) -> str | 
     try:
         await conn.send(SaslHandShakeRequest("OAUTHBEARER"))
         token = await provider.token()
+        extensions = "".join(f"\x01{k}={v}" for k, v in provider.extensions().items())
         answer = await conn.send(SaslAuthenticateRequest(
-            f"n,,\x01auth=Bearer {token}\x01\x01".encode()))
+            f"n,,\x01auth=Bearer {token}{extensions}\x01\x01".encode()))
     except (KafkaError, OSError):
         return None
     finally:
