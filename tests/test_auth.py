@@ -11,7 +11,9 @@ import base64
 import os
 import ssl
 import subprocess
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import orjson
 import pytest
 
 from streamproc.errors import ConfigError
-from streamproc.kafka.auth import FileToken, security_options
+from streamproc.kafka.auth import FileToken, MskIamToken, security_options
 from streamproc.kafka.topics import ensure_topics
 from streamproc.settings import Settings, load_settings
 from tests.conftest import SECOND_BROKER_USER
@@ -132,3 +134,28 @@ def test_an_encrypted_client_key_opens_with_kafka_ssl_key_password(tmp_path: Pat
     assert isinstance(opened["ssl_context"], ssl.SSLContext)
     with pytest.raises(ssl.SSLError):
         security_options(load_settings(None, kafka_ssl_key_password="wrong", **files))
+
+
+async def test_msk_iam_tokens_are_kept_until_a_minute_before_they_expire(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signer package (the msk extra) stood in for by a module that counts its calls."""
+    calls: list[str] = []
+
+    class Signer:
+        @staticmethod
+        def generate_auth_token(region: str) -> tuple[str, int]:
+            calls.append(region)
+            return f"token-{len(calls)}", int((time.time() + lifetime[0]) * 1000)
+
+    lifetime = [900.0]
+    monkeypatch.setitem(sys.modules, "aws_msk_iam_sasl_signer",
+                        types.SimpleNamespace(MSKAuthTokenProvider=Signer))
+    provider = MskIamToken("eu-west-1")
+    assert [await provider.token(), await provider.token()] == ["token-1", "token-1"]
+    lifetime[0] = 30.0  # the next one expires within the minute: renewed on every ask
+    provider = MskIamToken("eu-west-1")
+    assert [await provider.token(), await provider.token()] == ["token-2", "token-3"]
+    assert calls == ["eu-west-1"] * 3
+    monkeypatch.setitem(sys.modules, "aws_msk_iam_sasl_signer", None)
+    with pytest.raises(ConfigError, match=r"^KAFKA_SASL_OAUTH_MSK_REGION=.*msk extra"):
+        await MskIamToken("eu-west-1").token()
