@@ -31,8 +31,10 @@ from tests.helpers import (
 pytestmark = pytest.mark.kafka
 
 
-async def test_latest_skips_the_backlog_and_commits_its_start(kafka_bootstrap: str) -> None:
-    settings = settings_for(kafka_bootstrap, kafka_auto_offset_reset="latest")
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+async def test_latest_skips_the_backlog_and_commits_its_start(kafka_bootstrap: str,
+                                                              guarantee: str) -> None:
+    settings = settings_for(kafka_bootstrap, guarantee, kafka_auto_offset_reset="latest")
     await service_topics(settings, input_partitions=1)
     await produce(kafka_bootstrap, settings.kafka_input_topic, items(3, "old"))
     async with running_processor(settings) as processor:
