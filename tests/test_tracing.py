@@ -13,6 +13,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.util._once import Once
 
 from streamproc.kafka import tracing
 from streamproc.testing.kafka import read_to_end
@@ -26,14 +27,19 @@ PARENT_ID = "00f067aa0ba902b7"
 
 @pytest.fixture(scope="module")
 def exporter() -> Iterator[InMemorySpanExporter]:
-    """The SDK as the global tracer provider (set once per process), spans kept in memory."""
+    """The SDK as the global tracer provider, spans kept in memory; afterwards no provider
+    again, so the tests after these run untraced. (The API sets the global provider once
+    per process; its own test utilities reset it the same way.)"""
     assert tracing.ENABLED
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     yield exporter
-    exporter.clear()
+    provider.shutdown()
+    trace._TRACER_PROVIDER_SET_ONCE = Once()
+    trace._TRACER_PROVIDER = None
+    assert isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def traceparent(header: bytes) -> tuple[str, str]:

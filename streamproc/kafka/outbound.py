@@ -51,6 +51,8 @@ OWN_HEADERS = frozenset({
 })
 SIZE_SLACK = 16  # varints that grow when a cut changes a length
 HEADER_OVERHEAD = 10  # the two length varints of one header, at most
+# HEADERS_DROPPED with a count of up to 10 digits: kept free by every cut of a dead letter.
+COUNT_HEADER_ROOM = len(HEADERS_DROPPED) + 10 + HEADER_OVERHEAD
 # A source timestamp outside [now - MAX_SOURCE_AGE_S, now + MAX_CLOCK_SKEW_S] is the
 # producer's to set and says nothing about latency: it is left out of the metrics.
 MAX_SOURCE_AGE_S = 7 * 24 * 3600.0
@@ -180,15 +182,15 @@ class Outputs:
         if value is not None and (len(value) < value_size
                                   or _size(key, value, headers) > limit):
             headers.append((VALUE_TRUNCATED, str(value_size).encode()))
-            room = limit - _size(key, b"", headers) - SIZE_SLACK
+            room = limit - _size(key, b"", headers) - SIZE_SLACK - COUNT_HEADER_ROOM
             value = value[:max(room, 0)]
         if key is not None and (len(key) < key_size or _size(key, value, headers) > limit):
             headers.append((KEY_TRUNCATED, str(key_size).encode()))
-            room = limit - _size(b"", value, headers) - SIZE_SLACK
+            room = limit - _size(b"", value, headers) - SIZE_SLACK - COUNT_HEADER_ROOM
             key = key[:max(room, 0)]
         carried = self.carried(record, trace)
         dropped = int(getattr(record, "headers_dropped", 0) or 0)
-        room = limit - _size(key, value, headers) - SIZE_SLACK - 32  # the count header
+        room = limit - _size(key, value, headers) - SIZE_SLACK - COUNT_HEADER_ROOM
         kept, left_out = _fill(carried, room)
         if dropped + left_out:
             headers.append((HEADERS_DROPPED, str(dropped + left_out).encode()))

@@ -13,9 +13,9 @@ stages it went through:
 
 The spans go to the global tracer provider: install ``streamproc[otel]`` and configure one
 (``opentelemetry-instrument streamproc run``, from ``opentelemetry-distro``, does it from the
-``OTEL_*`` variables). Without the extra, :func:`record_trace` returns None and a record
-costs one test of a constant; the input's headers, ``traceparent`` among them, are still
-carried as they are.
+``OTEL_*`` variables). Without the extra, or with no provider set, :func:`record_trace`
+returns None and a record costs a check or two; the input's headers, ``traceparent`` among
+them, are still carried as they are.
 """
 
 from __future__ import annotations
@@ -99,5 +99,9 @@ class RecordTrace:
 
 
 def record_trace(record: ConsumerRecord[bytes, bytes], fetched_ns: int) -> RecordTrace | None:
-    """The record's trace, or None without the ``otel`` extra."""
-    return RecordTrace(record, fetched_ns) if ENABLED else None
+    """The record's trace; None without the ``otel`` extra, or while no tracer provider is
+    set (OpenTelemetry's API alone records nothing: the record is then handled as without
+    the extra)."""
+    if not ENABLED or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return None
+    return RecordTrace(record, fetched_ns)
