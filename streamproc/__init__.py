@@ -18,6 +18,7 @@ Layers, from the bottom (``make lint`` checks them with import-linter):
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from .errors import (
@@ -43,6 +44,11 @@ from .inference import (
 )
 from .records import FeedItem, SourceRef, Summary, decode_feed_item
 from .settings import Settings, load_settings
+
+try:
+    __version__ = version("streamproc")  # the installed distribution's
+except PackageNotFoundError:  # run from a checkout that was never installed
+    __version__ = "0+unknown"
 
 if TYPE_CHECKING:
     from .kafka.processor import StreamProcessor
@@ -73,6 +79,7 @@ __all__ = [
     "Summary",
     "TaskEnums",
     "WorkerClosed",
+    "__version__",
     "build_worker",
     "decode_feed_item",
     "load_settings",

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from . import signals
+from . import __version__, signals
 from .errors import ConfigError, StreamprocError
 from .ops.logs import configure_logging
 from .settings import Settings, load_settings
@@ -82,6 +82,7 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="streamproc", description=__doc__.splitlines()[0])
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     top.add_argument("--env-file", default=".env", help="dotenv file to read (default: .env)")
     sub = top.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="print resolved settings and the replica plan, then exit")

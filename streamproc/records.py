@@ -1,8 +1,10 @@
 """Input and output records, decoded and encoded with orjson, strictly.
 
 A feed item is a JSON object with a required non-empty string ``id`` and ``text``, and
-optional string ``title``, ``url``, ``published_at`` and ``lang``. Unknown fields are kept in
-``extra`` and passed through to the summary. orjson holds 64-bit integers and doubles; an
+optional string ``title``, ``url``, ``published_at`` and ``lang``. The id, text and title are
+read from fields of other names when :class:`InputFields` says so (``INPUT_ID_FIELD``,
+``INPUT_TEXT_FIELD``, ``INPUT_TITLE_FIELD``). Unknown fields are kept in ``extra`` and passed
+through to the summary. orjson holds 64-bit integers and doubles; an
 integer past 64 bits, or a number past a double's range, is kept as its JSON text and written
 back unchanged, never turned into a float. Every way a record can be wrong raises
 :class:`~streamproc.errors.InvalidRecord` with a stable ``reason_code`` and a reason a person
@@ -21,10 +23,29 @@ import orjson
 
 from .errors import InvalidRecord
 
-__all__ = ["OPTIONAL_FIELDS", "FeedItem", "SourceRef", "Summary", "decode_feed_item"]
+__all__ = ["OPTIONAL_FIELDS", "FeedItem", "InputFields", "SourceRef", "Summary",
+           "decode_feed_item"]
 
 OPTIONAL_FIELDS = ("title", "url", "published_at", "lang")
-_KNOWN = {"id", "text", *OPTIONAL_FIELDS}
+
+
+@dataclass(frozen=True, slots=True)
+class InputFields:
+    """The input's field names for a feed item's id, text and title (``title=None``: the
+    input has none; a field called ``title`` is then passed through as an unknown one)."""
+
+    id: str = "id"
+    text: str = "text"
+    title: str | None = "title"
+
+    def names(self) -> dict[str, str]:
+        """Each of the item's own fields by the name the input gives it."""
+        named = {"id": self.id, "text": self.text, "title": self.title}
+        return {attr: name for attr, name in named.items() if name is not None} | {
+            attr: attr for attr in OPTIONAL_FIELDS if attr != "title"}
+
+
+DEFAULT_FIELDS = InputFields()
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +152,10 @@ def _load(value: bytes) -> Any:
 
 
 def decode_feed_item(value: bytes | None, *, max_input_bytes: int,
-                     size: int | None = None) -> FeedItem:
+                     size: int | None = None, fields: InputFields = DEFAULT_FIELDS) -> FeedItem:
     """Parse and validate one record value. Raises :class:`InvalidRecord`. ``size``: the
-    value's length on the wire, when the consumer holds it cut (too large to keep)."""
+    value's length on the wire, when the consumer holds it cut (too large to keep);
+    ``fields``: the input's names for the id, text and title."""
     if value is None or len(value) == 0:
         raise InvalidRecord("the record has no value (null or empty)", "empty")
     size = max(len(value), size or 0)
@@ -146,9 +168,11 @@ def decode_feed_item(value: bytes | None, *, max_input_bytes: int,
     if not isinstance(data, dict):
         raise InvalidRecord(f"the JSON value is a {type(data).__name__}, not an object",
                             "not_object")
-    for name in ("id", "text"):
+    names = fields.names()
+    for attr in ("id", "text"):
+        name = names[attr]
         if name not in data:
-            raise InvalidRecord(f"the required field {name!r} is missing", f"missing_{name}")
+            raise InvalidRecord(f"the required field {name!r} is missing", f"missing_{attr}")
         if not isinstance(data[name], str):
             kind = "number" if isinstance(data[name], orjson.Fragment) else type(
                 data[name]).__name__
@@ -157,22 +181,25 @@ def decode_feed_item(value: bytes | None, *, max_input_bytes: int,
                 "wrong_type",
             )
         if not data[name].strip():
-            raise InvalidRecord(f"the required field {name!r} is empty", f"missing_{name}")
+            raise InvalidRecord(f"the required field {name!r} is empty", f"missing_{attr}")
     optional: dict[str, str | None] = {}
-    for name in OPTIONAL_FIELDS:
-        value_ = data.get(name)
+    for attr in OPTIONAL_FIELDS:
+        if (given := names.get(attr)) is None:
+            continue
+        value_ = data.get(given)
         if value_ is not None and not isinstance(value_, str):
             kind = "number" if isinstance(value_, orjson.Fragment) else type(value_).__name__
             raise InvalidRecord(
-                f"the field {name!r} must be a string or null, got {kind}",
+                f"the field {given!r} must be a string or null, got {kind}",
                 "wrong_type",
             )
-        optional[name] = value_
-    extra = {k: v for k, v in data.items() if k not in _KNOWN}
+        optional[attr] = value_
+    known = set(names.values())
+    extra = {k: v for k, v in data.items() if k not in known}
     if extra:
         try:  # they are written back out with the summary; orjson nests at most 255 deep
             orjson.dumps(extra)
         except (TypeError, orjson.JSONEncodeError) as exc:
             raise InvalidRecord(f"an extra field cannot be passed through: {exc}",
                                 "unserializable") from None
-    return FeedItem(id=data["id"], text=data["text"], extra=extra, **optional)
+    return FeedItem(id=data[names["id"]], text=data[names["text"]], extra=extra, **optional)

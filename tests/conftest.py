@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny local seq2seq checkpoint, built once per test session."""
+"""Shared fixtures: a tiny local seq2seq checkpoint, built once per test session; the test
+broker; and a second broker with a SASL listener, started once for the tests that ask."""
 
 from __future__ import annotations
 
@@ -49,3 +50,35 @@ def kafka_bootstrap() -> Iterator[str]:
         pytest.fail(f"no Kafka broker for the integration tests: {exc}")
     yield bootstrap
     broker.stop()
+
+
+SECOND_BROKER_USER = ("alice", "alice-secret")  # its SCRAM user
+SECOND_BROKER_PROPERTIES = "\n".join([
+    "sasl.enabled.mechanisms=SCRAM-SHA-256,SCRAM-SHA-512,OAUTHBEARER",
+    *(f"listener.name.sasl_plaintext.{m}.sasl.jaas.config="
+      "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+      for m in ("scram-sha-256", "scram-sha-512")),
+    # No server callback handler: Kafka's unsecured JWS validator takes alg=none tokens.
+    "listener.name.sasl_plaintext.oauthbearer.sasl.jaas.config="
+    "org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;",
+    # More than its one node: a topic created with the broker's default is refused, which
+    # shows the default was asked for.
+    "default.replication.factor=2",
+])
+
+
+@pytest.fixture(scope="session")
+def second_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(PLAINTEXT bootstrap, SASL_PLAINTEXT bootstrap) of a second real broker: SCRAM-SHA-256
+    and -512 for :data:`SECOND_BROKER_USER`, OAUTHBEARER with unsecured tokens, and a
+    ``default.replication.factor`` of 2. Started on first use, once per session."""
+    from streamproc.testing.kafka import LocalBroker, free_port_pair
+
+    sasl_port = free_port_pair()
+    user, password = SECOND_BROKER_USER
+    broker = LocalBroker.on_free_ports(tmp_path_factory.mktemp("second-kafka"),
+                                       properties=SECOND_BROKER_PROPERTIES,
+                                       listeners={"SASL_PLAINTEXT": sasl_port},
+                                       scram_users={user: password})
+    with broker:
+        yield broker.bootstrap, f"127.0.0.1:{sasl_port}"

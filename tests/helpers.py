@@ -146,15 +146,16 @@ async def service_topics(settings: KafkaSettings, input_partitions: int = 3) -> 
 
 
 async def produce(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes | None]],
-                  ) -> list[RecordMetadata]:
-    """Send ``(key, value)`` pairs in order and wait for every acknowledgement; each record's
-    metadata (partition, offset). A key spreads records over partitions by hash; no key picks
-    one at random."""
+                  headers: Sequence[tuple[str, bytes]] = ()) -> list[RecordMetadata]:
+    """Send ``(key, value)`` pairs in order, each with ``headers``, and wait for every
+    acknowledgement; each record's metadata (partition, offset). A key spreads records over
+    partitions by hash; no key picks one at random."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
                                 enable_idempotence=True, linger_ms=5)
     await producer.start()
     try:
-        sent = [await producer.send(topic, value=v, key=k) for k, v in records]
+        sent = [await producer.send(topic, value=v, key=k, headers=list(headers) or None)
+                for k, v in records]
         return list(await asyncio.wait_for(asyncio.gather(*sent), 30))
     finally:
         await producer.stop()

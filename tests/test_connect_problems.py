@@ -1,8 +1,8 @@
 """Kafka connection failures that no retry can fix stop start-up at once, naming the setting.
 
 The mapping is checked on aiokafka's own error classes; the TLS case also end to end, against
-a real TLS listener whose self-signed certificate the client does not trust. (A broker with a
-SASL listener is not part of the test set-up, so the SASL cases are the mapping only.)
+a real TLS listener whose self-signed certificate the client does not trust. Refused SASL
+logins against a real SASL listener are in ``test_auth.py``.
 """
 
 from __future__ import annotations

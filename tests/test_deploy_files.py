@@ -1,4 +1,5 @@
-"""Static checks of the container files: docker-compose.yml and Dockerfile."""
+"""Static checks of the container files: docker-compose.yml, the Dockerfile and the
+Kubernetes manifests."""
 
 from __future__ import annotations
 
@@ -110,7 +111,8 @@ def test_dockerfile_base_user_entrypoint() -> None:
     froms = [args for instr, args in instrs if instr == "FROM"]
     assert froms == ["${BASE_IMAGE} AS builder", "${BASE_IMAGE} AS runtime"], froms
     args = [args for instr, args in instrs if instr == "ARG"]
-    assert args[0].startswith("BASE_IMAGE=nvidia/cuda:"), args  # the production default
+    # The production default: a plain base, so the image holds one CUDA stack (torch's).
+    assert args[0] == "BASE_IMAGE=debian:12-slim", args
     users = [args for instr, args in instrs if instr == "USER"]
     assert users, "no USER instruction"
     assert users[-1].split(":")[0] not in {"root", "0"}, users[-1]
@@ -218,7 +220,8 @@ def _setting(env: dict[str, str], name: str) -> Any:
 
 def test_k8s_manifests_parse_and_declare_the_pieces() -> None:
     kinds = [d["kind"] for d in _k8s_docs()]
-    for kind in ("ConfigMap", "Service", "StatefulSet", "ScaledObject"):
+    for kind in ("ConfigMap", "Service", "StatefulSet", "ScaledObject", "PodDisruptionBudget",
+                 "ServiceMonitor"):
         assert kind in kinds, kinds
 
 
@@ -231,7 +234,8 @@ def test_k8s_configured_variables_are_real_settings_that_parse() -> None:
                      if k.lower() not in Settings.model_fields)
     assert not unknown, f"not streamproc settings: {unknown}"
     overrides: dict[str, Any] = {k.lower(): v for k, v in env.items()}
-    Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, **overrides)  # type: ignore[call-arg]
+    assert settings.autotune_enabled, "GPU_BATCH_SIZE in the manifests turns calibration off"
 
 
 def test_k8s_statefulset_runs_the_image_with_run() -> None:
@@ -369,3 +373,79 @@ def test_k8s_static_membership_from_the_pods_stable_name() -> None:
                         **overrides)
     assert rebalance_problems(settings) == []
     assert settings.kafka_session_timeout_ms >= 60_000  # a restart, not a blink
+
+
+HOME = "/home/streamproc"  # the image user's home (Dockerfile)
+CACHES = {"huggingface": f"{HOME}/.cache/huggingface",  # HF_HOME: the model download
+          "ctranslate2": f"{HOME}/.cache/streamproc/ctranslate2"}  # its CT2 conversion
+
+
+def _covered(path: str, mounts: list[str]) -> bool:
+    return any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts)
+
+
+def test_the_model_caches_outlive_the_container() -> None:
+    """The model download and its CTranslate2 conversion are on volumes in compose and on
+    the pod's own claim on Kubernetes; the image makes the directories its user owns, so a
+    fresh named volume mounted there is writable."""
+    from streamproc.summarize.ct2_convert import default_cache_dir
+
+    env = dict(word.split("=", 1) for instr, args in _dockerfile_instructions()
+               if instr == "ENV" for word in shlex.split(args) if "=" in word)
+    assert env["HF_HOME"] == CACHES["huggingface"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("XDG_CACHE_HOME", raising=False)
+        patch.setenv("HOME", HOME)
+        assert str(default_cache_dir()) == CACHES["ctranslate2"]
+    compose = _compose()
+    named = [v.split(":")[1] for v in compose["services"]["streamproc"]["volumes"]
+             if v.split(":")[0] in compose["volumes"]]
+    assert all(_covered(path, named) for path in CACHES.values()), named
+    made = " ".join(args for instr, args in _dockerfile_instructions() if instr == "RUN")
+    assert all("mkdir -p" in made and path in made for path in named), named
+
+    workload = _one(_k8s_docs(), "StatefulSet")
+    claims = {c["metadata"]["name"] for c in workload["spec"]["volumeClaimTemplates"]}
+    mounts = [m["mountPath"] for m in _container(workload)["volumeMounts"] if m["name"] in claims]
+    assert all(_covered(path, mounts) for path in CACHES.values()), mounts
+
+
+def test_k8s_pdb_service_and_servicemonitor_select_the_pods() -> None:
+    docs = _k8s_docs()
+    workload = _one(docs, "StatefulSet")
+    pod_labels = workload["spec"]["template"]["metadata"]["labels"]
+    pdb = _one(docs, "PodDisruptionBudget")
+    assert pdb["apiVersion"] == "policy/v1" and pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+    service = _one(docs, "Service")
+    assert service["metadata"]["name"] == workload["spec"]["serviceName"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    container_ports = {p["name"]: p["containerPort"] for p in _container(workload)["ports"]}
+    service_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    monitor = _one(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"][
+        "labels"].items()
+    [endpoint] = monitor["spec"]["endpoints"]
+    port = service_ports[endpoint["port"]]
+    assert container_ports[port["targetPort"]] == int(_setting(_k8s_env(docs), "metrics_port"))
+    assert endpoint["path"] == "/metrics"
+
+
+def test_keda_trigger_authentication_example_reads_the_pods_secret() -> None:
+    """The example gives KEDA's Kafka scaler the SASL credentials from the same Secret as
+    the pods' KAFKA_SASL_PASSWORD, and the ScaledObject resets offsets as the service does."""
+    docs = _k8s_docs()
+    [auth] = [d for d in yaml.safe_load_all((K8S_DIR / "examples" /
+                                             "keda-triggerauthentication.yaml").read_text())
+              if d is not None]
+    assert auth["kind"] == "TriggerAuthentication"
+    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    assert {"sasl", "username", "password"} <= set(refs)
+    pods_secret = _secret_env(docs)["KAFKA_SASL_PASSWORD"]
+    assert (refs["password"]["name"], refs["password"]["key"]) == (pods_secret["name"],
+                                                                   pods_secret["key"])
+    [trigger] = _one(docs, "ScaledObject")["spec"]["triggers"]
+    assert trigger["metadata"]["offsetResetPolicy"] == _setting(_k8s_env(docs),
+                                                                "kafka_auto_offset_reset")

@@ -35,6 +35,8 @@ def test_an_installed_package_runs_the_demo_with_its_own_broker(tmp_path: Path) 
     where = run(venv / "bin" / "python", "-c", "import streamproc; print(streamproc.__file__)",
                 cwd=cwd)
     assert where.stdout.startswith(str(site)), where
+    version = run(venv / "bin" / "streamproc", "--version", cwd=cwd)
+    assert version.stdout.strip() == f"streamproc {wheel.name.split('-')[1]}", version
 
     port = TEST_PORT + 10  # nothing answers there: the demo starts (and stops) a broker
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAFKA_", "GPU_"))}

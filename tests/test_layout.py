@@ -11,6 +11,7 @@ import zipfile
 from pathlib import Path
 
 import grimp
+import pytest
 
 from tests.helpers import REPO_ROOT, build_wheel
 
@@ -65,3 +66,17 @@ def test_the_architecture_map_names_every_module() -> None:
                   if p.name != "__init__.py")
     missing = [path for path in tree if f"`{path.removeprefix('streamproc/')}`" not in text]
     assert missing == []
+
+
+def test_the_version_is_the_distributions_and_the_cli_prints_it(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    import streamproc
+    from streamproc.cli import main
+
+    assert streamproc.__version__ == version("streamproc")
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"streamproc {streamproc.__version__}"

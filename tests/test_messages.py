@@ -5,8 +5,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from streamproc.errors import InvalidRecord
-from streamproc.records import SourceRef, Summary, decode_feed_item
+from streamproc.errors import ConfigError, InvalidRecord
+from streamproc.records import InputFields, SourceRef, Summary, decode_feed_item
+from streamproc.settings import load_settings
 
 
 def decode(value: bytes | None, limit: int = 1000) -> object:
@@ -70,3 +71,31 @@ def test_extra_fields_too_deep_to_write_back_are_rejected_at_decode() -> None:
     with pytest.raises(InvalidRecord) as info:
         decode(value, limit=100_000)
     assert info.value.reason_code == "unserializable"
+
+
+def test_the_id_text_and_title_can_come_from_fields_of_other_names() -> None:
+    fields = InputFields(id="guid", text="body", title="headline")
+    raw = orjson.dumps({"guid": "g1", "body": "Hello.", "headline": "H", "title": "kept",
+                        "lang": "en"})
+    item = decode_feed_item(raw, max_input_bytes=1000, fields=fields)
+    assert (item.id, item.text, item.title, item.lang) == ("g1", "Hello.", "H", "en")
+    assert item.extra == {"title": "kept"}
+    with pytest.raises(InvalidRecord, match="'body' is missing") as missing:
+        decode_feed_item(orjson.dumps({"guid": "g2", "text": "t"}), max_input_bytes=1000,
+                         fields=fields)
+    assert missing.value.reason_code == "missing_text"
+    untitled = decode_feed_item(orjson.dumps({"id": "a", "text": "t", "title": 7}),
+                                max_input_bytes=1000, fields=InputFields(title=None))
+    assert untitled.title is None and untitled.extra == {"title": 7}
+
+
+@pytest.mark.parametrize(("values", "variable"), [
+    ({"input_text_field": "id"}, "INPUT_TEXT_FIELD"),
+    ({"input_id_field": "guid", "input_title_field": "guid"}, "INPUT_TITLE_FIELD"),
+    ({"input_id_field": ""}, "INPUT_ID_FIELD"),
+    ({"input_title_field": "url"}, "INPUT_TITLE_FIELD"),
+])
+def test_input_field_names_are_checked_at_start(values: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{variable}="):
+        load_settings(None, **values)
+    assert load_settings(None, input_title_field="").input_fields.title is None

@@ -302,3 +302,17 @@ async def test_liveness_fails_with_its_reason_when_no_replica_is_healthy_or_a_fa
     finally:
         await processor.stop()
         await worker.stop(1)
+
+
+def test_end_to_end_latency_buckets_reach_a_backlogs_hours() -> None:
+    """A record that waited hours in a backlog lands in a bucket of its own size, up to the
+    oldest source timestamp the metric takes."""
+    from streamproc.kafka.outbound import MAX_SOURCE_AGE_S
+    from streamproc.kafka.stats import PipelineStats
+
+    stats = PipelineStats()
+    stats.end_to_end.observe(3 * 3600)
+    samples = {s.labels["le"]: s.value for m in stats.end_to_end.collect() for s in m.samples
+               if s.name.endswith("_bucket")}
+    assert samples["7200.0"] == 0 and samples["14400.0"] == 1
+    assert float(max((le for le in samples if le != "+Inf"), key=float)) == MAX_SOURCE_AGE_S

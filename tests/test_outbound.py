@@ -102,6 +102,26 @@ def test_input_headers_are_carried_but_never_streamprocs_own() -> None:
     assert {"streamproc.error.code", "streamproc.source.offset"} <= OWN_HEADERS
 
 
+def test_a_trace_context_replaces_the_inputs_and_without_one_it_is_carried_as_is() -> None:
+    headers = (("traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01"),
+               ("tracestate", b"v=1"), ("correlation-id", b"c-7"))
+    source = record(b"k", b'{"id": "a", "text": "Fine."}', headers)
+    item = decode_feed_item(source.value, max_input_bytes=LIMIT)
+    assert outputs().summary(source, item, "Fine.", time.monotonic()).headers == list(headers)
+    ours = [("traceparent", b"00-" + b"1" * 32 + b"-" + b"3" * 16 + b"-01")]
+    summary = outputs().summary(source, item, "Fine.", time.monotonic(), ours)
+    assert summary.headers == [*ours, ("correlation-id", b"c-7")]
+    letter = outputs().dead_letter(source, ERROR, ours)
+    assert [h for h in letter.headers if not h[0].startswith("streamproc.")] == summary.headers
+
+
+def test_a_cut_dead_letter_still_fits_with_the_count_of_the_headers_left_out() -> None:
+    trace = ("traceparent", b"00-" + b"1" * 32 + b"-" + b"2" * 16 + b"-01")
+    letter = outputs().dead_letter(record(b"k", b"v" * (3 * LIMIT), (trace,)), ERROR)
+    assert dict(letter.headers)["streamproc.headers.dropped"] == b"1"
+    assert letter.size <= LIMIT
+
+
 def test_a_summary_drops_input_headers_before_it_is_called_too_large() -> None:
     headers = tuple((f"h{i}", b"x" * 100) for i in range(500))
     source = record(b"k", b'{"id": "a", "text": "Fine."}', headers)

@@ -165,3 +165,22 @@ async def test_pause_holds_stack_by_reason() -> None:
     p.release("backpressure")
     assert TP not in consumer.paused
 
+
+
+async def test_latest_with_no_committed_offset_commits_the_end_and_rewinds_to_it() -> None:
+    consumer = Consumer(position=None)
+    ends: list[dict[TopicPartition, int]] = []
+
+    async def end_offsets(tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: 42 for tp in tps}
+
+    async def commit(offsets: dict[TopicPartition, int]) -> None:
+        ends.append(offsets)
+        consumer.position = offsets[TP]
+
+    consumer.end_offsets, consumer.commit = end_offsets, commit  # type: ignore[attr-defined]
+    p = Partition(TP, consumer, "latest")  # type: ignore[arg-type]
+    await p.seek()
+    assert ends == [{TP: 42}] and consumer.seeks == [42] and p.running
+    await p.seek()  # a rewind: back to the committed start, not to a later end
+    assert ends == [{TP: 42}] and consumer.seeks == [42, 42]

@@ -4,6 +4,7 @@ setting no retry can fix from a broker that is not up yet."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
 import ssl
@@ -18,6 +19,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
 from ..errors import BrokerUnavailable, ConfigError
 from ..settings import KafkaSettings
+from .auth import oauth_refusal, security_options, token_variable
 from .group import group_options
 
 __all__ = [
@@ -41,37 +43,37 @@ def broker_answers(bootstrap: str, timeout_s: float = 2.0) -> bool:
 
 
 def client_options(settings: KafkaSettings) -> dict[str, Any]:
-    """Options shared by every client: bootstrap, client id, and SASL/SSL pass-through."""
-    options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap_servers,
-        "client_id": settings.kafka_client_id,
-        "security_protocol": settings.kafka_security_protocol,
-    }
-    if settings.kafka_security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
+    """Options shared by every client: bootstrap, client id, and the TLS and SASL options
+    (:mod:`.auth`)."""
+    return {"bootstrap_servers": settings.kafka_bootstrap_servers,
+            "client_id": settings.kafka_client_id, **security_options(settings)}
 
-        options["ssl_context"] = create_ssl_context(
-            cafile=settings.kafka_ssl_cafile, certfile=settings.kafka_ssl_certfile,
-            keyfile=settings.kafka_ssl_keyfile)
-    if settings.kafka_security_protocol.startswith("SASL"):
-        options["sasl_mechanism"] = settings.kafka_sasl_mechanism or "PLAIN"
-        options["sasl_plain_username"] = settings.kafka_sasl_username
-        password = settings.kafka_sasl_password
-        options["sasl_plain_password"] = password.get_secret_value() if password else None
+
+def _extra(variable: str, client: type[AIOKafkaConsumer | AIOKafkaProducer],
+           options: dict[str, Any]) -> dict[str, Any]:
+    """``KAFKA_CONSUMER_EXTRA`` or ``KAFKA_PRODUCER_EXTRA``, every key an option of
+    ``client`` (the settings already refused streamproc's own)."""
+    known = set(inspect.signature(client.__init__).parameters) - {"self", "loop"}
+    for key in options:
+        if key not in known:
+            raise ConfigError(variable, options,
+                              f"{key!r} is not an option of aiokafka's {client.__name__}")
     return options
 
 
 def consumer_for(settings: KafkaSettings, **overrides: Any) -> AIOKafkaConsumer:
-    """The group's consumer (its group options are :func:`~.group.group_options`)."""
-    return AIOKafkaConsumer(
+    """The group's consumer (its group options are :func:`~.group.group_options`), with
+    ``KAFKA_CONSUMER_EXTRA``'s options."""
+    return AIOKafkaConsumer(**{
         **client_options(settings),
         **group_options(settings),
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        isolation_level="read_committed",
-        max_poll_records=settings.kafka_max_poll_records,
+        "enable_auto_commit": False,
+        "auto_offset_reset": settings.kafka_auto_offset_reset,
+        "isolation_level": "read_committed",
+        "max_poll_records": settings.kafka_max_poll_records,
+        **_extra("KAFKA_CONSUMER_EXTRA", AIOKafkaConsumer, settings.kafka_consumer_extra),
         **overrides,
-    )
+    })
 
 
 def producer_for(settings: KafkaSettings, *, record_limit: int | None = None,
@@ -80,7 +82,8 @@ def producer_for(settings: KafkaSettings, *, record_limit: int | None = None,
     says. ``record_limit``: the largest batch the topics it writes take (the smallest of their
     ``max.message.bytes``, read at start). Its batches are kept within it: the broker checks
     a topic's limit against a whole producer batch, so one larger than the limit would refuse
-    records that each fit."""
+    records that each fit. ``KAFKA_PRODUCER_EXTRA``'s options come on top (``linger_ms``, for
+    one, replaces the 5 ms here)."""
     compression = settings.kafka_compression_type
     options: dict[str, Any] = {
         "acks": "all", "enable_idempotence": True, "linger_ms": 5,
@@ -90,6 +93,8 @@ def producer_for(settings: KafkaSettings, *, record_limit: int | None = None,
     }
     if "transactional_id" in overrides:
         options["transaction_timeout_ms"] = settings.kafka_transaction_timeout_ms
+    options.update(_extra("KAFKA_PRODUCER_EXTRA", AIOKafkaProducer,
+                          settings.kafka_producer_extra))
     options.update(overrides)
     return AIOKafkaProducer(**client_options(settings), **options)
 
@@ -98,6 +103,8 @@ def connect_problem(exc: BaseException, settings: KafkaSettings) -> ConfigError 
     """A connection failure that no retry can fix, as the setting to change; None for one
     that may pass (broker not up yet, network)."""
     mechanism = settings.kafka_sasl_mechanism or "PLAIN"
+    if isinstance(exc, ConfigError):  # a token provider's own
+        return exc
     if isinstance(exc, ssl.SSLCertVerificationError):
         return ConfigError("KAFKA_SSL_CAFILE", settings.kafka_ssl_cafile,
                            f"the broker's TLS certificate was not trusted ({exc.verify_message}); "
@@ -106,24 +113,53 @@ def connect_problem(exc: BaseException, settings: KafkaSettings) -> ConfigError 
         return ConfigError("KAFKA_SASL_MECHANISM", mechanism, str(exc))
     auth_failed = kafka_errors.SaslAuthenticationFailed | kafka_errors.AuthenticationFailedError
     if isinstance(exc, auth_failed):
+        if mechanism == "OAUTHBEARER":
+            variable = token_variable(settings)
+            return ConfigError(variable, getattr(settings, variable.lower()),
+                               f"SASL OAUTHBEARER authentication failed ({exc}); check the "
+                               f"token {variable} gives")
+        if mechanism == "GSSAPI":
+            return ConfigError("KAFKA_SASL_KERBEROS_SERVICE_NAME",
+                               settings.kafka_sasl_kerberos_service_name,
+                               f"SASL GSSAPI authentication failed ({exc}); check the "
+                               "Kerberos ticket (kinit, KRB5_CLIENT_KTNAME) and "
+                               "KAFKA_SASL_KERBEROS_SERVICE_NAME")
         return ConfigError("KAFKA_SASL_USERNAME", settings.kafka_sasl_username,
                            f"SASL {mechanism} authentication failed ({exc}); check "
                            "KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD and KAFKA_SASL_MECHANISM")
     return None
 
 
+def _first_server(settings: KafkaSettings) -> tuple[str, int]:
+    host, _, port = settings.kafka_bootstrap_servers.split(",")[0].strip().rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 async def _connect_error(settings: KafkaSettings) -> BaseException | None:
     """Why one connection to the first bootstrap server fails, or None if it succeeds. The
     clients only say "Unable to bootstrap"; a single connection raises the cause itself."""
     options = client_options(settings)
-    host, _, port = options.pop("bootstrap_servers").split(",")[0].strip().rpartition(":")
+    del options["bootstrap_servers"]
     options["request_timeout_ms"] = 10_000
     try:
-        conn = await create_conn(host.strip("[]") or "127.0.0.1", int(port), **options)
+        conn = await create_conn(*_first_server(settings), **options)
     except Exception as exc:
         return exc
     conn.close()
     return None
+
+
+async def _check_token(settings: KafkaSettings) -> None:
+    """OAUTHBEARER: a token the broker refuses stops start-up at once, naming the variable
+    that gives it (aiokafka's clients would not say; see :func:`~.auth.oauth_refusal`)."""
+    if not (settings.kafka_security_protocol.startswith("SASL")
+            and settings.kafka_sasl_mechanism == "OAUTHBEARER"):
+        return
+    if (refusal := await oauth_refusal(settings, *_first_server(settings))) is not None:
+        variable = token_variable(settings)
+        raise ConfigError(variable, getattr(settings, variable.lower()),
+                          f"SASL OAUTHBEARER authentication failed (the broker said: "
+                          f"{refusal}); check the token {variable} gives")
 
 
 def retriable(exc: BaseException) -> bool:
@@ -145,6 +181,7 @@ async def start_with_retry(name: str, start: Callable[[], Awaitable[None]],
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.kafka_connect_timeout_s
     delay = 0.5
+    await asyncio.wait_for(_check_token(settings), settings.kafka_connect_timeout_s)
     while True:
         try:
             await asyncio.wait_for(start(), max(deadline - loop.time(), 0.01))

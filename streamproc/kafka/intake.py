@@ -35,6 +35,7 @@ from ..settings import KafkaSettings
 from .fetched import FetchedRecord, FetchLimits, guarded
 from .partition import Entry, Partition
 from .stats import PipelineStats
+from .tracing import record_trace
 from .worker import TextWorker
 
 __all__ = ["BACKPRESSURE_CHECK_S", "OPEN_RECORDS_PER_QUEUE_SLOT", "PAUSE_AFTER_S", "Intake"]
@@ -56,6 +57,7 @@ class Intake:
                  stats: PipelineStats, partitions: Mapping[TopicPartition, Partition],
                  stop: asyncio.Event, on_fatal: Callable[[StreamprocError], None]) -> None:
         self.settings = settings
+        self.fields = settings.input_fields
         self.on_fatal = on_fatal
         self.limits = FetchLimits(
             max_batch_bytes=settings.kafka_max_decompressed_batch_bytes,
@@ -156,17 +158,18 @@ class Intake:
         fresh = partition.accept(records)
         if not fresh:
             return
-        fetched_at, epoch = time.monotonic(), partition.epoch
+        fetched_at, fetched_ns, epoch = time.monotonic(), time.time_ns(), partition.epoch
         entries: list[Entry] = []
         for record in fresh:
-            entry = Entry(epoch, record, fetched_at)
+            entry = Entry(epoch, record, fetched_at, trace=record_trace(record, fetched_ns))
             problem = record.problem if isinstance(record, FetchedRecord) else None
             try:
                 if problem is not None:
                     raise InvalidRecord(problem, "undecodable")
                 entry.item = decode_feed_item(record.value,
                                               max_input_bytes=self.settings.max_input_bytes,
-                                              size=record.serialized_value_size)
+                                              size=record.serialized_value_size,
+                                              fields=self.fields)
             except InvalidRecord as exc:
                 entry.error = exc
             entries.append(entry)
@@ -176,4 +179,9 @@ class Intake:
                                                  if entry.item is not None])
         for entry, future in zip(valid, futures, strict=True):
             entry.outcome = future
+        for entry in entries:
+            if (trace := entry.trace) is not None:
+                trace.stage("consume")
+                if entry.outcome is not None:
+                    entry.outcome.add_done_callback(trace.inferred)
         partition.enqueue(entries)

@@ -4,7 +4,9 @@ A summary goes to ``KAFKA_OUTPUT_TOPIC`` as a :class:`~streamproc.records.Summar
 the input's key (or the item id). A dead letter goes to ``KAFKA_DLQ_TOPIC``: the input's value
 and key byte for byte (a tombstone's null value stays null), with headers naming the error
 and the source record. Both carry the input's headers, except those named as streamproc's own
-(:data:`OWN_HEADERS`, which a producer could otherwise forge), where they fit.
+(:data:`OWN_HEADERS`, which a producer could otherwise forge), where they fit. With tracing
+on (:mod:`.tracing`), the record's own trace context replaces the input's ``traceparent`` and
+``tracestate``.
 
 Every record is checked against the largest record its topic takes (the smaller of
 ``KAFKA_MAX_REQUEST_SIZE`` and the topic's ``max.message.bytes``) before it is sent:
@@ -33,8 +35,9 @@ from ..errors import InvalidRecord, StreamprocError
 from ..records import FeedItem, SourceRef, Summary
 from ..settings import KafkaSettings
 from .clients import record_size
+from .tracing import TRACE_HEADERS
 
-__all__ = ["OWN_HEADERS", "Outbound", "Outputs", "dead_letter_headers", "source_age_s"]
+__all__ = ["OWN_HEADERS", "Header", "Outbound", "Outputs", "dead_letter_headers", "source_age_s"]
 
 Header = tuple[str, bytes | None]
 VALUE_TRUNCATED = "streamproc.value.truncated_from"
@@ -48,6 +51,8 @@ OWN_HEADERS = frozenset({
 })
 SIZE_SLACK = 16  # varints that grow when a cut changes a length
 HEADER_OVERHEAD = 10  # the two length varints of one header, at most
+# HEADERS_DROPPED with a count of up to 10 digits: kept free by every cut of a dead letter.
+COUNT_HEADER_ROOM = len(HEADERS_DROPPED) + 10 + HEADER_OVERHEAD
 # A source timestamp outside [now - MAX_SOURCE_AGE_S, now + MAX_CLOCK_SKEW_S] is the
 # producer's to set and says nothing about latency: it is left out of the metrics.
 MAX_SOURCE_AGE_S = 7 * 24 * 3600.0
@@ -131,15 +136,21 @@ class Outputs:
         return self.limits.get(topic, 1024 * 1024)
 
     @staticmethod
-    def carried(record: ConsumerRecord[bytes, bytes]) -> list[Header]:
-        """The input's headers an output carries: all but streamproc's own names."""
+    def carried(record: ConsumerRecord[bytes, bytes],
+                trace: Sequence[Header] = ()) -> list[Header]:
+        """The input's headers an output carries: all but streamproc's own names; with a
+        ``trace`` context, that in place of the input's."""
+        if trace:
+            return [*trace, *((name, content) for name, content in record.headers or ()
+                              if name not in OWN_HEADERS and name not in TRACE_HEADERS)]
         return [(name, content) for name, content in record.headers or ()
                 if name not in OWN_HEADERS]
 
     def summary(self, record: ConsumerRecord[bytes, bytes], item: FeedItem, text: str,
-                fetched_at: float) -> Outbound:
-        """``fetched_at`` (monotonic) starts ``timings_ms.processing``. A summary too large
-        for the output topic becomes a dead letter instead."""
+                fetched_at: float, trace: Sequence[Header] = ()) -> Outbound:
+        """``fetched_at`` (monotonic) starts ``timings_ms.processing``; ``trace``: the
+        headers of the record's trace context, if traced. A summary too large for the output
+        topic becomes a dead letter instead."""
         timings = {"processing": (time.monotonic() - fetched_at) * 1000}
         age = source_age_s(record)
         if age is not None:
@@ -153,12 +164,13 @@ class Outputs:
         if size > limit:
             return self.dead_letter(record, InvalidRecord(
                 f"its summary record is {size} bytes; {self.output_topic} takes at most "
-                f"{limit} (KAFKA_MAX_REQUEST_SIZE, max.message.bytes)", "output_too_large"))
-        headers, _ = _fill(self.carried(record), limit - size - SIZE_SLACK)
+                f"{limit} (KAFKA_MAX_REQUEST_SIZE, max.message.bytes)", "output_too_large"),
+                trace)
+        headers, _ = _fill(self.carried(record, trace), limit - size - SIZE_SLACK)
         return Outbound(record, self.output_topic, value, key, headers, None)
 
-    def dead_letter(self, record: ConsumerRecord[bytes, bytes],
-                    error: StreamprocError) -> Outbound:
+    def dead_letter(self, record: ConsumerRecord[bytes, bytes], error: StreamprocError,
+                    trace: Sequence[Header] = ()) -> Outbound:
         """The source record's value and key, with the error's headers, cut to fit the DLQ
         topic: the value first, then the key, each with its original length in a header;
         then as many of the input's headers as fit."""
@@ -170,15 +182,15 @@ class Outputs:
         if value is not None and (len(value) < value_size
                                   or _size(key, value, headers) > limit):
             headers.append((VALUE_TRUNCATED, str(value_size).encode()))
-            room = limit - _size(key, b"", headers) - SIZE_SLACK
+            room = limit - _size(key, b"", headers) - SIZE_SLACK - COUNT_HEADER_ROOM
             value = value[:max(room, 0)]
         if key is not None and (len(key) < key_size or _size(key, value, headers) > limit):
             headers.append((KEY_TRUNCATED, str(key_size).encode()))
-            room = limit - _size(b"", value, headers) - SIZE_SLACK
+            room = limit - _size(b"", value, headers) - SIZE_SLACK - COUNT_HEADER_ROOM
             key = key[:max(room, 0)]
-        carried = self.carried(record)
+        carried = self.carried(record, trace)
         dropped = int(getattr(record, "headers_dropped", 0) or 0)
-        room = limit - _size(key, value, headers) - SIZE_SLACK - 32  # the count header
+        room = limit - _size(key, value, headers) - SIZE_SLACK - COUNT_HEADER_ROOM
         kept, left_out = _fill(carried, room)
         if dropped + left_out:
             headers.append((HEADERS_DROPPED, str(dropped + left_out).encode()))
@@ -198,7 +210,7 @@ class Outputs:
             return None
         letter = self.dead_letter(out.source, InvalidRecord(
             f"the broker refused its summary record: {type(exc).__name__}: {exc}",
-            "output_refused"))
+            "output_refused"), [h for h in out.headers if h[0] in TRACE_HEADERS])
         return dataclasses.replace(letter, alone=True)
 
 

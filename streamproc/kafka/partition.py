@@ -16,7 +16,12 @@ State machine
    The set-up runs after the group's assignment callback has returned (aiokafka sends no
    heartbeats during it), and a member that is stopping does not set partitions up at all.
 2. **SEEKING.** Still paused. The committed offset is read and the consumer seeks to it; the
-   fetch *epoch* goes up by one. aiokafka drops what it prefetched for a paused or re-seeked
+   fetch *epoch* goes up by one. A partition with no committed offset (a new group) starts
+   where ``KAFKA_AUTO_OFFSET_RESET`` says: ``earliest``, its first record, or ``latest``,
+   its end as it is now. The start chosen for ``latest`` is committed at once, so an owner
+   that takes the partition over before the first record is committed starts there too,
+   never at a later end (which would skip what came in between), and a rewind of this
+   owner goes back to it. aiokafka drops what it prefetched for a paused or re-seeked
    partition, and :meth:`accept` drops whatever a fetch that began before the seek returns.
 3. **RUNNING.** Unpaused (unless the intake's backpressure holds every partition paused).
    :meth:`accept` registers each new record's offset, in order, with the
@@ -51,15 +56,17 @@ import enum
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError
 
 from .offsets import OffsetTracker
 
 if TYPE_CHECKING:
     from ..errors import StreamprocError
     from ..records import FeedItem
+    from .tracing import RecordTrace
 
 __all__ = ["Entry", "Partition", "Phase"]
 
@@ -89,13 +96,16 @@ class Entry:
     item: FeedItem | None = None
     outcome: asyncio.Future[str] | None = None
     error: StreamprocError | None = None
+    trace: RecordTrace | None = None  # with the otel extra
 
 
 class Partition:
     """See the module docstring. Created in ASSIGNED and paused."""
 
-    def __init__(self, tp: TopicPartition, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, tp: TopicPartition, consumer: AIOKafkaConsumer,
+                 reset: Literal["earliest", "latest"] = "earliest") -> None:
         self.tp = tp
+        self._reset = reset
         self.name = f"{tp.topic}-{tp.partition}"
         self._consumer = consumer
         self.phase = Phase.ASSIGNED
@@ -179,6 +189,10 @@ class Partition:
         committed = await self._consumer.committed(self.tp)
         if self.phase is not Phase.SEEKING or self.epoch != epoch:
             return  # revoked, stopped or suspended again while we asked
+        if committed is None and self._reset == "latest":
+            committed = await self._start_at_end()
+            if self.phase is not Phase.SEEKING or self.epoch != epoch:
+                return
         if committed is None:
             await self._consumer.seek_to_beginning(self.tp)
             if self.phase is not Phase.SEEKING or self.epoch != epoch:
@@ -189,6 +203,18 @@ class Partition:
         self.tracker = OffsetTracker(committed)
         self.phase = Phase.RUNNING
         self.release("phase")
+
+    async def _start_at_end(self) -> int:
+        """``latest`` with no committed offset: the partition's end now, committed as the
+        group's start (see step 2)."""
+        end = int((await self._consumer.end_offsets([self.tp]))[self.tp])
+        try:
+            await self._consumer.commit({self.tp: end})
+        except CommitFailedError as exc:  # a rebalance began: the partition is leaving
+            log.warning("%s: could not commit the start %d (%s)", self.name, end, exc)
+        log.info("%s: no committed offset; KAFKA_AUTO_OFFSET_RESET=latest starts at %d",
+                 self.name, end)
+        return end
 
     def drain(self) -> None:
         """→ DRAINING: accept nothing new, keep emitting what was accepted."""

@@ -89,7 +89,7 @@ from .group import (
 )
 from .intake import Intake
 from .lag import LagMonitor
-from .outbound import Outbound, Outputs
+from .outbound import Header, Outbound, Outputs
 from .partition import Entry, Partition
 from .sink import Sink
 from .stats import PipelineStats
@@ -271,30 +271,40 @@ class StreamProcessor(Lifecycle):
                 if not entry.outcome.cancelled() or cancelling():
                     raise
                 error = WorkerClosed("its inference was cancelled")  # dropped, if not current
+        trace = entry.trace
         if not partition.current(entry.epoch):
             self.stats.dropped_stale += 1
+            if trace is not None:
+                trace.finish("stale")
             return
         if error is not None and not error.dead_letter:
             partition.stop(f"{error.reason_code}: {error}")
             self._fail(error)
+            if trace is not None:
+                trace.finish("stopped", f"{error.reason_code}: {error}")
             return
+        out = self._outbound(entry, summary, error, trace.produce() if trace else [])
         try:
-            await self.sink.emit(partition, self._outbound(entry, summary, error))
+            await self.sink.emit(partition, out)
         except (KafkaError, StreamprocError) as exc:
             self.sink.give_up(partition, f"its output could not be sent: {exc!r}")
+        finally:
+            if trace is not None:
+                trace.finish("summary" if out.reason_code is None else "dead_letter",
+                             out.reason_code)
 
-    def _outbound(self, entry: Entry, summary: str | None,
-                  error: StreamprocError | None) -> Outbound:
+    def _outbound(self, entry: Entry, summary: str | None, error: StreamprocError | None,
+                  trace: list[Header]) -> Outbound:
         try:
             if error is None:
                 assert entry.item is not None and summary is not None
                 return self.outputs.summary(entry.record, entry.item, summary,
-                                            entry.fetched_at)
+                                            entry.fetched_at, trace)
         except Exception as exc:
             error = InvalidRecord(f"the output could not be built: {type(exc).__name__}: "
                                   f"{exc}", "output_failed")
         assert error is not None
-        return self.outputs.dead_letter(entry.record, error)
+        return self.outputs.dead_letter(entry.record, error, trace)
 
     # --- commit and rebalance ---------------------------------------------------------------
     async def _commit_loop(self) -> None:
@@ -374,7 +384,8 @@ class StreamProcessor(Lifecycle):
             return
         self.stats.rebalances += 1
         self.stats.generation = generation
-        new = [Partition(tp, self.consumer) for tp in sorted(assigned)
+        new = [Partition(tp, self.consumer, self.settings.kafka_auto_offset_reset)
+               for tp in sorted(assigned)
                if tp not in self._partitions]
         for partition in new:
             self._partitions[partition.tp] = partition

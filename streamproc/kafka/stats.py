@@ -10,7 +10,12 @@ from prometheus_client import Histogram
 
 from ..inference.stats import SECOND_BUCKETS, histogram
 
-__all__ = ["PipelineStats"]
+__all__ = ["LATENCY_BUCKETS", "PipelineStats"]
+
+# End to end, a record that waited in a backlog is hours old: the engine's buckets, then on
+# to the oldest source timestamp the metric takes (outbound.MAX_SOURCE_AGE_S, 7 days).
+LATENCY_BUCKETS = (*SECOND_BUCKETS, 300, 600, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600,
+                   12 * 3600, 24 * 3600, 2 * 86400, 4 * 86400, 7 * 86400)
 
 
 @dataclass(slots=True)
@@ -30,7 +35,7 @@ class PipelineStats:
     generation: int = -1  # the group generation of the last one
     end_to_end: Histogram = field(default_factory=lambda: histogram(
         "streamproc_end_to_end_latency_seconds", "From the input record's timestamp to the "
-        "broker's acknowledgement (or transaction commit) of its output.", SECOND_BUCKETS))
+        "broker's acknowledgement (or transaction commit) of its output.", LATENCY_BUCKETS))
 
     def dead_letter(self, reason_code: str) -> None:
         self.dead_letters[reason_code] = self.dead_letters.get(reason_code, 0) + 1

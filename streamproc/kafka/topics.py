@@ -9,15 +9,34 @@ import time
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import (
+    InvalidPartitionsError,
+    InvalidReplicationFactorError,
+    KafkaError,
+    TopicAlreadyExistsError,
+    for_code,
+)
 
 from ..errors import ConfigError, StreamprocError
 from ..settings import KafkaSettings
 from .clients import client_options, start_with_retry
 
-__all__ = ["create_and_wait", "ensure_topics"]
+__all__ = ["BROKER_DEFAULT", "create_and_wait", "ensure_topics", "new_topic"]
 
 log = logging.getLogger("streamproc.kafka")
+BROKER_DEFAULT = -1  # CreateTopics: the broker's default.replication.factor
+
+
+def new_topic(name: str, settings: KafkaSettings) -> NewTopic:
+    """A topic to create with ``KAFKA_TOPIC_PARTITIONS`` partitions and
+    ``KAFKA_TOPIC_REPLICATION_FACTOR`` replicas, or, with that unset, as many as the broker's
+    ``default.replication.factor`` says. (aiokafka's ``NewTopic`` takes -1 only beside a
+    replica assignment, so an empty one is passed: the request then carries none.)"""
+    factor = settings.kafka_topic_replication_factor
+    if factor is None:
+        return NewTopic(name, settings.kafka_topic_partitions, BROKER_DEFAULT,
+                        replica_assignments={})
+    return NewTopic(name, settings.kafka_topic_partitions, factor)
 
 
 async def create_and_wait(admin: AIOKafkaAdminClient, topics: list[NewTopic],
@@ -64,9 +83,16 @@ async def ensure_topics(settings: KafkaSettings) -> dict[str, int]:
             raise ConfigError(var, topic, "the topic does not exist; create it or set "
                               "KAFKA_CREATE_TOPICS=true")
         if missing:
-            new = [NewTopic(t, settings.kafka_topic_partitions, 1)
-                   for t in sorted(set(missing.values()))]
-            await create_and_wait(admin, new)
+            new = [new_topic(t, settings) for t in sorted(set(missing.values()))]
+            try:
+                await create_and_wait(admin, new)
+            except InvalidReplicationFactorError as exc:
+                raise ConfigError("KAFKA_TOPIC_REPLICATION_FACTOR",
+                                  settings.kafka_topic_replication_factor,
+                                  f"the broker refused it ({exc})") from None
+            except InvalidPartitionsError as exc:
+                raise ConfigError("KAFKA_TOPIC_PARTITIONS", settings.kafka_topic_partitions,
+                                  f"the broker refused it ({exc})") from None
             log.info("created topics %s", [t.name for t in new])
         return await _record_limits(admin, settings)
     except KafkaError as exc:

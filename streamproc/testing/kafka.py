@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import TracebackType
@@ -71,12 +71,17 @@ def free_port_pair(low: int = 20000, high: int = 32000) -> int:
 class LocalBroker:
     """A real single-node broker on ``127.0.0.1:port`` (its controller on ``port + 1``),
     with its data under ``data_dir`` (default: the script's ``.kafka/data``) and
-    ``properties`` appended to its ``server.properties``. ``with`` starts and stops it."""
+    ``properties`` appended to its ``server.properties``. ``listeners`` adds listeners, by
+    security protocol (``{"SASL_PLAINTEXT": 9094}``; their ``listener.name.<protocol>.*``
+    settings go in ``properties``), and ``scram_users`` (user: password) get SCRAM-SHA-256
+    and -512 credentials. ``with`` starts and stops it."""
 
     port: int
     data_dir: Path | None = None
     properties: str = ""
     attempts: int = 1  # tries of each start or stop (a busy machine may need more)
+    listeners: Mapping[str, int] = field(default_factory=dict)
+    scram_users: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def on_free_ports(cls, data_dir: Path, **kwargs: Any) -> LocalBroker:
@@ -89,7 +94,11 @@ class LocalBroker:
     def _script(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
         env.update(KAFKA_PORT=str(self.port), KAFKA_CONTROLLER_PORT=str(self.port + 1),
-                   KAFKA_EXTRA_PROPERTIES=self.properties)
+                   KAFKA_EXTRA_PROPERTIES=self.properties,
+                   KAFKA_EXTRA_LISTENERS=" ".join(f"{name}:{port}"
+                                                  for name, port in self.listeners.items()),
+                   KAFKA_SCRAM_USERS=" ".join(f"{user}:{password}"
+                                              for user, password in self.scram_users.items()))
         if self.data_dir is not None:
             env["KAFKA_DATA_DIR"] = str(self.data_dir)
         for attempt in range(self.attempts):
