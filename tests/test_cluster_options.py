@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 import orjson
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
 from streamproc.errors import ConfigError
 from streamproc.kafka.clients import consumer_for, producer_for
@@ -43,6 +44,34 @@ async def test_latest_skips_the_backlog_and_commits_its_start(kafka_bootstrap: s
         await produce(kafka_bootstrap, settings.kafka_input_topic, items(2, "new"))
         await wait_for_output(settings, 2, timeout_s=30)
     assert set(await output_ids(settings)) == {"new-0000", "new-0001"}
+    assert await committed(settings) == {0: 5}
+
+
+async def test_latest_resumes_an_out_of_range_committed_offset_at_the_first_retained_record(
+        kafka_bootstrap: str) -> None:
+    """A committed offset the log no longer holds (records deleted past it) is read from the
+    first record still retained: ``latest`` is for a partition with no committed offset."""
+    settings = settings_for(kafka_bootstrap, kafka_auto_offset_reset="latest")
+    await service_topics(settings, input_partitions=1)
+    await produce(kafka_bootstrap, settings.kafka_input_topic, items(5, "old"))
+    tp = TopicPartition(settings.kafka_input_topic, 0)
+    consumer = AIOKafkaConsumer(bootstrap_servers=kafka_bootstrap,
+                                group_id=settings.kafka_group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([tp])
+        await consumer.commit({tp: 1})
+    finally:
+        await consumer.stop()
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_records({tp: RecordsToDelete(before_offset=3)})
+    finally:
+        await admin.close()
+    async with running_processor(settings):
+        await wait_for_output(settings, 2, timeout_s=15)
+    assert set(await output_ids(settings)) == {"old-0003", "old-0004"}
     assert await committed(settings) == {0: 5}
 
 

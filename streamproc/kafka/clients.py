@@ -63,12 +63,17 @@ def _extra(variable: str, client: type[AIOKafkaConsumer | AIOKafkaProducer],
 
 def consumer_for(settings: KafkaSettings, **overrides: Any) -> AIOKafkaConsumer:
     """The group's consumer (its group options are :func:`~.group.group_options`), with
-    ``KAFKA_CONSUMER_EXTRA``'s options."""
+    ``KAFKA_CONSUMER_EXTRA``'s options. Its own ``auto_offset_reset`` is always ``earliest``:
+    :class:`~.partition.Partition` applies ``KAFKA_AUTO_OFFSET_RESET`` to a partition with no
+    committed offset, so aiokafka's reset only meets a committed offset that is out of range
+    (retention or a deletion passed it), and resumes at the first record still retained."""
     return AIOKafkaConsumer(**{
         **client_options(settings),
         **group_options(settings),
         "enable_auto_commit": False,
-        "auto_offset_reset": settings.kafka_auto_offset_reset,
+        # KAFKA_AUTO_OFFSET_RESET is the Partition's (no committed offset); aiokafka's reset
+        # only meets a committed offset out of range, read from the first retained record
+        "auto_offset_reset": "earliest",
         "isolation_level": "read_committed",
         "max_poll_records": settings.kafka_max_poll_records,
         **_extra("KAFKA_CONSUMER_EXTRA", AIOKafkaConsumer, settings.kafka_consumer_extra),
