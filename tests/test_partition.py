@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaConnectionError
 
 from streamproc.kafka.partition import Entry, Partition, Phase
 
@@ -184,3 +185,50 @@ async def test_latest_with_no_committed_offset_commits_the_end_and_rewinds_to_it
     assert ends == [{TP: 42}] and consumer.seeks == [42] and p.running
     await p.seek()  # a rewind: back to the committed start, not to a later end
     assert ends == [{TP: 42}] and consumer.seeks == [42, 42]
+
+
+@pytest.mark.parametrize("refusal", [CommitFailedError("rebalancing"),
+                                     IllegalStateError("Partition in-0 is not assigned"),
+                                     KafkaConnectionError("connection lost")])
+async def test_latest_start_not_committed_is_logged_and_kept_for_a_rewind(
+        refusal: Exception, caplog: pytest.LogCaptureFixture) -> None:
+    consumer = Consumer(position=None)
+    ends = iter([42, 50])
+
+    async def end_offsets(tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: next(ends) for tp in tps}
+
+    async def commit(offsets: dict[TopicPartition, int]) -> None:
+        raise refusal
+
+    consumer.end_offsets, consumer.commit = end_offsets, commit  # type: ignore[attr-defined]
+    p = Partition(TP, consumer, "latest")  # type: ignore[arg-type]
+    await p.seek()
+    assert p.running and consumer.seeks == [42]
+    assert "could not commit the start 42" in caplog.text
+    await p.seek()  # a rewind with nothing committed: the start chosen, not a later end
+    assert p.running and consumer.seeks == [42, 42]
+
+
+async def test_latest_start_revoked_while_the_end_is_read_commits_nothing() -> None:
+    consumer = Consumer(position=None)
+    asked, answer = asyncio.Event(), asyncio.Event()
+    commits: list[dict[TopicPartition, int]] = []
+
+    async def end_offsets(tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        asked.set()
+        await answer.wait()
+        return {tp: 42 for tp in tps}
+
+    async def commit(offsets: dict[TopicPartition, int]) -> None:
+        commits.append(offsets)
+
+    consumer.end_offsets, consumer.commit = end_offsets, commit  # type: ignore[attr-defined]
+    p = Partition(TP, consumer, "latest")  # type: ignore[arg-type]
+    seek = asyncio.create_task(p.seek())
+    await asyncio.wait_for(asked.wait(), 1)
+    p.drain()
+    p.revoke()
+    answer.set()
+    await asyncio.wait_for(seek, 1)
+    assert commits == [] and consumer.seeks == [] and p.phase is Phase.REVOKED

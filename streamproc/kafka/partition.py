@@ -21,8 +21,11 @@ State machine
    its end as it is now. The start chosen for ``latest`` is committed at once, so an owner
    that takes the partition over before the first record is committed starts there too,
    never at a later end (which would skip what came in between), and a rewind of this
-   owner goes back to it. aiokafka drops what it prefetched for a paused or re-seeked
-   partition, and :meth:`accept` drops whatever a fetch that began before the seek returns.
+   owner goes back to it (the start is kept here too, for a commit that failed). A commit
+   the broker refuses because the partition is leaving is logged, not a crash, and nothing
+   is committed for a partition revoked while its end was read. aiokafka drops what it
+   prefetched for a paused or re-seeked partition, and :meth:`accept` drops whatever a
+   fetch that began before the seek returns.
 3. **RUNNING.** Unpaused (unless the intake's backpressure holds every partition paused).
    :meth:`accept` registers each new record's offset, in order, with the
    :class:`~streamproc.kafka.offsets.OffsetTracker`; an offset at or below one already seen is stale
@@ -59,7 +62,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError
+from aiokafka.errors import KafkaError
 
 from .offsets import OffsetTracker
 
@@ -112,6 +115,7 @@ class Partition:
         self.epoch = 0
         self.tracker = OffsetTracker()
         self._next_offset: int | None = None  # the lowest offset not seen yet in this epoch
+        self._start: int | None = None  # latest: the end this owner chose to start at
         self._pending: deque[Entry] = deque()
         self._ready = asyncio.Event()
         self._unemitted = 0  # accepted, not yet handed to the sink (or dropped)
@@ -190,7 +194,7 @@ class Partition:
         if self.phase is not Phase.SEEKING or self.epoch != epoch:
             return  # revoked, stopped or suspended again while we asked
         if committed is None and self._reset == "latest":
-            committed = await self._start_at_end()
+            committed = self._start if self._start is not None else await self._start_at_end()
             if self.phase is not Phase.SEEKING or self.epoch != epoch:
                 return
         if committed is None:
@@ -205,12 +209,19 @@ class Partition:
         self.release("phase")
 
     async def _start_at_end(self) -> int:
-        """``latest`` with no committed offset: the partition's end now, committed as the
-        group's start (see step 2)."""
+        """``latest`` with no committed offset: the partition's end now, kept as this owner's
+        start (a rewind before anything is committed goes back to it, never to a later end)
+        and committed as the group's (see step 2). A commit that fails (the partition is
+        leaving, or the broker did not answer) is logged; the caller checks the phase."""
+        epoch = self.epoch
         end = int((await self._consumer.end_offsets([self.tp]))[self.tp])
+        if self._start is None and not self.finished:
+            self._start = end
+        if self.phase is not Phase.SEEKING or self.epoch != epoch:
+            return end  # revoked, stopped or suspended while we asked: commit nothing
         try:
             await self._consumer.commit({self.tp: end})
-        except CommitFailedError as exc:  # a rebalance began: the partition is leaving
+        except KafkaError as exc:  # CommitFailedError, IllegalStateError (not assigned any more)
             log.warning("%s: could not commit the start %d (%s)", self.name, end, exc)
         log.info("%s: no committed offset; KAFKA_AUTO_OFFSET_RESET=latest starts at %d",
                  self.name, end)
