@@ -110,9 +110,53 @@ async def test_the_token_file_is_read_again_when_it_changes(tmp_path: Path) -> N
     path.write_text("second-token\n")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000_000))
     assert await provider.token() == "second-token"
-    path.unlink()
+
+
+async def test_a_token_that_cannot_be_renewed_keeps_the_last_good_one_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A sidecar rewriting the file in place leaves it empty for a moment, or gone: a
+    connection made then logs in with the last good token (aiokafka's background loops die
+    on any other error). With no good token yet, start-up stops naming the variable."""
+    path = tmp_path / "token"
+    provider = FileToken(str(path))
     with pytest.raises(ConfigError, match=r"^KAFKA_SASL_OAUTH_TOKEN_FILE=.*cannot read it"):
         await provider.token()
+    path.write_text("")
+    with pytest.raises(ConfigError, match=r"^KAFKA_SASL_OAUTH_TOKEN_FILE=.*it is empty"):
+        await provider.token()
+    path.write_text("good\n")
+    assert await provider.token() == "good"
+    path.write_text("")
+    assert await provider.token() == "good"
+    path.unlink()
+    assert await provider.token() == "good"
+    warnings = [r for r in caplog.records if "last good token" in r.getMessage()]
+    assert len(warnings) == 1 and "KAFKA_SASL_OAUTH_TOKEN_FILE" in warnings[0].getMessage()
+    path.write_text("renewed\n")
+    assert await provider.token() == "renewed"
+
+
+async def test_an_msk_signer_failure_keeps_the_last_good_token(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signer's own errors (botocore's, no credentials) are not aiokafka's: before a
+    good token they stop start-up naming the variable, after one the last good is kept."""
+    answers: list[tuple[str, int] | Exception] = [RuntimeError("Unable to locate credentials")]
+
+    class Signer:
+        @staticmethod
+        def generate_auth_token(region: str) -> tuple[str, int]:
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    monkeypatch.setitem(sys.modules, "aws_msk_iam_sasl_signer",
+                        types.SimpleNamespace(MSKAuthTokenProvider=Signer))
+    provider = MskIamToken("eu-west-1")
+    with pytest.raises(ConfigError, match=r"^KAFKA_SASL_OAUTH_MSK_REGION=.*credentials"):
+        await provider.token()
+    answers[:] = [("token-1", int((time.time() + 30) * 1000)), RuntimeError("expired")]
+    assert [await provider.token(), await provider.token()] == ["token-1", "token-1"]
 
 
 @pytest.mark.parametrize("sources", [{}, {"kafka_sasl_oauth_token": "t",

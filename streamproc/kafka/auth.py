@@ -23,6 +23,7 @@ TLS takes ``KAFKA_SSL_CAFILE``, and for a client certificate ``KAFKA_SSL_CERTFIL
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
@@ -40,27 +41,61 @@ __all__ = ["FileToken", "MskIamToken", "StaticToken", "oauth_refusal", "security
            "token_variable"]
 
 MSK_RENEW_BEFORE_S = 60.0  # an MSK IAM token is renewed this long before it expires
+TOKEN_WARN_EVERY_S = 60.0  # a renewal failing again and again: one warning per this
+log = logging.getLogger("streamproc.kafka")
 
 
 class _Provider(AbstractTokenProvider):  # type: ignore[misc]
     """A token provider with ``KAFKA_SASL_OAUTH_EXTENSIONS`` (aiokafka sends what
-    :meth:`extensions` returns with the token)."""
+    :meth:`extensions` returns with the token) that outlives a failed renewal.
 
-    def __init__(self, extensions: dict[str, str] | None = None) -> None:
+    aiokafka asks for a token on every new connection, and its background loops (fetcher,
+    coordinator, sender) survive only Kafka's and the network's errors. So once a token was
+    good, a renewal that fails (a token file rewritten in place and empty for a moment, the
+    MSK signer without credentials for a while) keeps the last good token and logs a
+    warning, at most once a minute; the broker judges it. Before any good token (start-up),
+    the failure is a :class:`ConfigError` naming ``variable``."""
+
+    variable = ""
+
+    def __init__(self, source: str, extensions: dict[str, str] | None = None) -> None:
+        self._source = source  # the variable's value, for the ConfigError
         self._extensions = dict(extensions or {})
+        self._good: str | None = None
+        self._warn_after = 0.0  # monotonic, s
 
     def extensions(self) -> dict[str, str]:
         return self._extensions
+
+    async def token(self) -> str:
+        try:
+            token = await self._renew()
+        except Exception as exc:  # the signer's own errors too (botocore's)
+            problem = exc if isinstance(exc, ConfigError) else ConfigError(
+                self.variable, self._source, f"no token: {exc}")
+            if self._good is None:
+                raise problem from None
+            if (now := time.monotonic()) >= self._warn_after:
+                self._warn_after = now + TOKEN_WARN_EVERY_S
+                log.warning("%s; logging in with the last good token", problem)
+            return self._good
+        self._good = token
+        return token
+
+    async def _renew(self) -> str:
+        raise NotImplementedError
 
 
 class StaticToken(_Provider):
     """``KAFKA_SASL_OAUTH_TOKEN``: the same token on every connection."""
 
+    variable = "KAFKA_SASL_OAUTH_TOKEN"
+
     def __init__(self, token: str, extensions: dict[str, str] | None = None) -> None:
-        super().__init__(extensions)
+        super().__init__("**********", extensions)
         self._token = token
 
-    async def token(self) -> str:
+    async def _renew(self) -> str:
         return self._token
 
 
@@ -68,23 +103,25 @@ class FileToken(_Provider):
     """``KAFKA_SASL_OAUTH_TOKEN_FILE``: the file's content, stripped, read again whenever
     its modification time or size changes (checked on each new connection)."""
 
+    variable = "KAFKA_SASL_OAUTH_TOKEN_FILE"
+
     def __init__(self, path: str, extensions: dict[str, str] | None = None) -> None:
-        super().__init__(extensions)
+        super().__init__(path, extensions)
         self.path = Path(path)
         self._seen: tuple[int, int] | None = None
         self._token = ""
 
-    async def token(self) -> str:
+    async def _renew(self) -> str:
         try:
             stat = self.path.stat()
             if (stat.st_mtime_ns, stat.st_size) != self._seen:
                 self._token = self.path.read_text(encoding="utf-8").strip()
                 self._seen = (stat.st_mtime_ns, stat.st_size)
         except OSError as exc:
-            raise ConfigError("KAFKA_SASL_OAUTH_TOKEN_FILE", str(self.path),
+            raise ConfigError(self.variable, str(self.path),
                               f"cannot read it: {exc.strerror or exc}") from None
         if not self._token:
-            raise ConfigError("KAFKA_SASL_OAUTH_TOKEN_FILE", str(self.path), "it is empty")
+            raise ConfigError(self.variable, str(self.path), "it is empty")
         return self._token
 
 
@@ -92,19 +129,21 @@ class MskIamToken(_Provider):
     """``KAFKA_SASL_OAUTH_MSK_REGION``: AWS MSK IAM tokens from the signer package (the
     ``msk`` extra, imported on first use), each kept until a minute before it expires."""
 
+    variable = "KAFKA_SASL_OAUTH_MSK_REGION"
+
     def __init__(self, region: str, extensions: dict[str, str] | None = None) -> None:
-        super().__init__(extensions)
+        super().__init__(region, extensions)
         self.region = region
         self._token = ""
         self._expires_at = 0.0  # wall clock, s
 
-    async def token(self) -> str:
+    async def _renew(self) -> str:
         if time.time() < self._expires_at - MSK_RENEW_BEFORE_S:
             return self._token
         try:
             from aws_msk_iam_sasl_signer import MSKAuthTokenProvider
         except ImportError:
-            raise ConfigError("KAFKA_SASL_OAUTH_MSK_REGION", self.region,
+            raise ConfigError(self.variable, self.region,
                               "needs the msk extra: pip install 'streamproc[msk]'") from None
         token, expiry_ms = await asyncio.to_thread(MSKAuthTokenProvider.generate_auth_token,
                                                    self.region)
