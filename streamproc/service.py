@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, TypeVar
 from . import signals
 from .aio import unless
 from .errors import StreamprocError
+from .kafka.clients import check_client_extras
 from .kafka.processor import StreamProcessor
 from .ops.http import OpsServer
 from .settings import Settings
@@ -171,6 +172,7 @@ async def run_service(settings: Settings, worker: SummaryWorker | None = None, *
     if signals.caught():
         on_signal()
     try:
+        check_client_extras(settings)  # before the model loads, not at the first assignment
         if worker is None:
             worker = await unless(stopping, _on_daemon_thread(
                 lambda: _build_worker(settings), "build-worker"))

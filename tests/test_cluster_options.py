@@ -13,8 +13,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, RecordsToDelete
 
+from streamproc import service
 from streamproc.errors import ConfigError
-from streamproc.kafka.clients import consumer_for, producer_for
+from streamproc.kafka.clients import check_client_extras, consumer_for, producer_for
 from streamproc.kafka.topics import BROKER_DEFAULT, ensure_topics, new_topic
 from streamproc.settings import Settings, load_settings
 from streamproc.testing.kafka import read_to_end
@@ -153,6 +154,46 @@ def test_an_option_the_client_does_not_take_fails_naming_the_variable(
     settings = load_settings(None, **{variable: value})
     with pytest.raises(ConfigError, match=f"^{variable.upper()}=.*is not an option of aiokafka"):
         client(settings)
+
+
+@pytest.mark.parametrize(("variable", "value", "problem"), [
+    ("kafka_consumer_extra", {"topics": ["t"]}, "'topics' is not an option"),
+    ("kafka_producer_extra", {"kwargs": {}}, "'kwargs' is not an option"),
+    ("kafka_consumer_extra", {"consumer_timeout_ms": "x"}, "'consumer_timeout_ms' takes an int"),
+    ("kafka_consumer_extra", {"fetch_max_wait_ms": "x"}, "'fetch_max_wait_ms' takes an int"),
+    ("kafka_consumer_extra", {"fetch_max_wait_ms": 1.5}, "'fetch_max_wait_ms' takes an int"),
+    ("kafka_consumer_extra", {"check_crcs": 1}, "'check_crcs' takes a bool"),
+    ("kafka_producer_extra", {"linger_ms": True}, "'linger_ms' takes an int"),
+    ("kafka_consumer_extra", {"client_rack": {"a": 1}}, "'client_rack' takes a single value"),
+    ("kafka_producer_extra", {"partitioner": "murmur2"}, "'partitioner' cannot be given"),
+])
+def test_a_passthrough_option_of_the_wrong_type_fails_at_start_naming_variable_and_key(
+        variable: str, value: dict[str, object], problem: str) -> None:
+    """Checked at start (``run_service`` does, before the model is loaded), not when the
+    clients are built: a producer's only at the first assignment under exactly_once."""
+    settings = load_settings(None, **{variable: value})
+    with pytest.raises(ConfigError, match=f"^{variable.upper()}=.*{problem}") as caught:
+        check_client_extras(settings)
+    assert "\n" not in str(caught.value)
+
+
+async def test_the_service_checks_the_passthrough_options_before_it_loads_the_model(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def build_worker(settings: Settings) -> None:
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(service, "_build_worker", build_worker)
+    settings = load_settings(None, processing_guarantee="exactly_once",
+                             kafka_producer_extra={"linger_ms": "5"})
+    with pytest.raises(ConfigError, match=r"^KAFKA_PRODUCER_EXTRA=.*'linger_ms' takes an int"):
+        await service.run_service(settings)
+
+
+def test_passthrough_options_of_the_right_types_pass_the_check() -> None:
+    check_client_extras(load_settings(
+        None, kafka_consumer_extra={"fetch_max_wait_ms": 100, "check_crcs": False,
+                                    "client_rack": "eu-1"},
+        kafka_producer_extra={"linger_ms": 0, "metadata_max_age_ms": 60000}))
 
 
 async def test_a_feed_with_its_own_field_names_is_summarized(kafka_bootstrap: str) -> None:

@@ -23,8 +23,8 @@ from .auth import oauth_refusal, security_options, token_variable
 from .group import group_options
 
 __all__ = [
-    "broker_answers", "client_options", "connect_problem", "consumer_for", "producer_for",
-    "record_size", "retriable", "start_with_retry",
+    "broker_answers", "check_client_extras", "client_options", "connect_problem",
+    "consumer_for", "producer_for", "record_size", "retriable", "start_with_retry",
 ]
 
 log = logging.getLogger("streamproc.kafka")
@@ -49,16 +49,51 @@ def client_options(settings: KafkaSettings) -> dict[str, Any]:
             "client_id": settings.kafka_client_id, **security_options(settings)}
 
 
+_NOT_OPTIONS = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+
+def _option_problem(client: type[AIOKafkaConsumer | AIOKafkaProducer], key: str,
+                    value: object) -> str | None:
+    """Why ``key=value`` (a value JSON gave) is not an option of ``client``, or None. A value
+    is checked against the type of the option's default: an int takes an int, a float an
+    int or a float, a bool only a bool, a str only a str; an option with no default (None)
+    takes any single value."""
+    parameter = inspect.signature(client.__init__).parameters.get(key)
+    if parameter is None or key in ("self", "loop") or parameter.kind in _NOT_OPTIONS:
+        return f"{key!r} is not an option of aiokafka's {client.__name__}"
+    default = parameter.default
+    if default is None or default is inspect.Parameter.empty:
+        fits = not isinstance(value, dict | list)
+        wanted = "a single value"
+    elif isinstance(default, bool | str):
+        fits = isinstance(value, type(default))
+        wanted = f"a {type(default).__name__}"
+    elif isinstance(default, int | float):
+        kinds = (int,) if isinstance(default, int) else (int, float)
+        fits = isinstance(value, kinds) and not isinstance(value, bool)
+        wanted = f"an {type(default).__name__}" if isinstance(default, int) else "a float"
+    else:
+        return (f"{key!r} cannot be given as JSON (aiokafka's {client.__name__} takes a "
+                f"{type(default).__name__})")
+    return None if fits else f"{key!r} takes {wanted}, not {value!r}"
+
+
 def _extra(variable: str, client: type[AIOKafkaConsumer | AIOKafkaProducer],
            options: dict[str, Any]) -> dict[str, Any]:
     """``KAFKA_CONSUMER_EXTRA`` or ``KAFKA_PRODUCER_EXTRA``, every key an option of
-    ``client`` (the settings already refused streamproc's own)."""
-    known = set(inspect.signature(client.__init__).parameters) - {"self", "loop"}
-    for key in options:
-        if key not in known:
-            raise ConfigError(variable, options,
-                              f"{key!r} is not an option of aiokafka's {client.__name__}")
+    ``client`` with a value of its type (the settings already refused streamproc's own)."""
+    for key, value in options.items():
+        if (problem := _option_problem(client, key, value)) is not None:
+            raise ConfigError(variable, options, problem)
     return options
+
+
+def check_client_extras(settings: KafkaSettings) -> None:
+    """``KAFKA_CONSUMER_EXTRA`` and ``KAFKA_PRODUCER_EXTRA`` as the clients will take them;
+    a :class:`ConfigError` naming the variable and the key otherwise. Run at start, before
+    the model loads (a producer is built only at the first assignment under exactly_once)."""
+    _extra("KAFKA_CONSUMER_EXTRA", AIOKafkaConsumer, settings.kafka_consumer_extra)
+    _extra("KAFKA_PRODUCER_EXTRA", AIOKafkaProducer, settings.kafka_producer_extra)
 
 
 def consumer_for(settings: KafkaSettings, **overrides: Any) -> AIOKafkaConsumer:
