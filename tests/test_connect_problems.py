@@ -16,8 +16,13 @@ from pathlib import Path
 import pytest
 from aiokafka import errors
 
-from streamproc.errors import ConfigError
-from streamproc.kafka.clients import connect_problem, producer_for, start_with_retry
+from streamproc.errors import BrokerUnavailable, ConfigError
+from streamproc.kafka.clients import (
+    connect_problem,
+    first_server,
+    producer_for,
+    start_with_retry,
+)
 from streamproc.settings import Settings, load_settings
 
 
@@ -80,3 +85,40 @@ async def test_an_untrusted_broker_certificate_names_kafka_ssl_cafile(
     assert raised.value.variable == "KAFKA_SSL_CAFILE"
     assert "certificate was not trusted" in str(raised.value)
     assert time.monotonic() - began < 30, "at once, not after KAFKA_CONNECT_TIMEOUT_S"
+
+
+def oauth_settings(bootstrap: str, **values: object) -> Settings:
+    return load_settings(None, kafka_bootstrap_servers=bootstrap,
+                         kafka_security_protocol="SASL_PLAINTEXT",
+                         kafka_sasl_mechanism="OAUTHBEARER", kafka_sasl_oauth_token="t",
+                         **values)
+
+
+@pytest.mark.parametrize(("bootstrap", "server"), [
+    ("broker1", ("broker1", 9092)), ("broker1:9093,broker2", ("broker1", 9093)),
+    ("[::1]", ("::1", 9092)), ("[::1]:9094", ("::1", 9094)),
+])
+def test_the_token_check_reads_the_bootstrap_as_aiokafka_does(
+        bootstrap: str, server: tuple[str, int]) -> None:
+    """A server without a port is on Kafka's default one, as aiokafka's clients take it."""
+    assert first_server(oauth_settings(bootstrap)) == server
+
+
+async def test_a_broker_that_never_answers_the_token_check_is_unavailable_not_a_traceback(
+) -> None:
+    """A listener that takes the connection and never answers: the OAUTHBEARER check
+    waits only as long as the start may, and says which servers did not answer."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = oauth_settings(f"127.0.0.1:{port}", kafka_connect_timeout_s=1)
+    started: list[bool] = []
+
+    async def start() -> None:
+        started.append(True)
+
+    try:
+        with pytest.raises(BrokerUnavailable, match=f"KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{port}"):
+            await asyncio.wait_for(start_with_retry("consumer", start, settings), 5)
+    finally:
+        server.close()
+    assert started == []

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import errors as kafka_errors
-from aiokafka.conn import create_conn
+from aiokafka.conn import collect_hosts, create_conn
 from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -24,7 +24,7 @@ from .group import group_options
 
 __all__ = [
     "broker_answers", "check_client_extras", "client_options", "connect_problem",
-    "consumer_for", "producer_for", "record_size", "retriable", "start_with_retry",
+    "consumer_for", "first_server", "producer_for", "record_size", "retriable", "start_with_retry",
 ]
 
 log = logging.getLogger("streamproc.kafka")
@@ -170,9 +170,11 @@ def connect_problem(exc: BaseException, settings: KafkaSettings) -> ConfigError 
     return None
 
 
-def _first_server(settings: KafkaSettings) -> tuple[str, int]:
-    host, _, port = settings.kafka_bootstrap_servers.split(",")[0].strip().rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
+def first_server(settings: KafkaSettings) -> tuple[str, int]:
+    """The first of ``KAFKA_BOOTSTRAP_SERVERS`` as aiokafka's clients read it: ``host``,
+    ``host:port``, ``[ipv6]`` or ``[ipv6]:port``, Kafka's port 9092 when none is given."""
+    host, port, _ = collect_hosts(settings.kafka_bootstrap_servers, randomize=False)[0]
+    return str(host), int(port)
 
 
 async def _connect_error(settings: KafkaSettings) -> BaseException | None:
@@ -182,7 +184,7 @@ async def _connect_error(settings: KafkaSettings) -> BaseException | None:
     del options["bootstrap_servers"]
     options["request_timeout_ms"] = 10_000
     try:
-        conn = await create_conn(*_first_server(settings), **options)
+        conn = await create_conn(*first_server(settings), **options)
     except Exception as exc:
         return exc
     conn.close()
@@ -195,7 +197,7 @@ async def _check_token(settings: KafkaSettings) -> None:
     if not (settings.kafka_security_protocol.startswith("SASL")
             and settings.kafka_sasl_mechanism == "OAUTHBEARER"):
         return
-    if (refusal := await oauth_refusal(settings, *_first_server(settings))) is not None:
+    if (refusal := await oauth_refusal(settings, *first_server(settings))) is not None:
         variable = token_variable(settings)
         raise ConfigError(variable, getattr(settings, variable.lower()),
                           f"SASL OAUTHBEARER authentication failed (the broker said: "
@@ -216,14 +218,19 @@ async def start_with_retry(name: str, start: Callable[[], Awaitable[None]],
     is bounded by what is left of that time, since a start may wait forever on its own (a
     transactional producer's coordinator lookup and ``InitProducerId``). A failure no retry
     can fix (SASL authentication, an untrusted certificate) raises a :class:`ConfigError`
-    at once; any other Kafka error that is not retriable, a :class:`BrokerUnavailable`. The
+    at once; any other Kafka error that is not retriable, a :class:`BrokerUnavailable`, as
+    does a broker that never answers. The OAUTHBEARER token check (:func:`_check_token`)
+    runs first, within the same ``KAFKA_CONNECT_TIMEOUT_S``. The
     caller stops the client when this raises: a cancelled start may leave it half-started."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.kafka_connect_timeout_s
     delay = 0.5
-    await asyncio.wait_for(_check_token(settings), settings.kafka_connect_timeout_s)
+    checked = False
     while True:
         try:
+            if not checked:  # the OAUTHBEARER token, within the same deadline
+                await asyncio.wait_for(_check_token(settings), max(deadline - loop.time(), 0.01))
+                checked = True
             await asyncio.wait_for(start(), max(deadline - loop.time(), 0.01))
             return
         except TimeoutError:
