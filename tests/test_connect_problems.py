@@ -108,7 +108,8 @@ async def test_a_broker_that_never_answers_the_token_check_is_unavailable_not_a_
 ) -> None:
     """A listener that takes the connection and never answers: the OAUTHBEARER check
     waits only as long as the start may, and says which servers did not answer."""
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    held: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     settings = oauth_settings(f"127.0.0.1:{port}", kafka_connect_timeout_s=1)
     started: list[bool] = []
@@ -120,5 +121,7 @@ async def test_a_broker_that_never_answers_the_token_check_is_unavailable_not_a_
         with pytest.raises(BrokerUnavailable, match=f"KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:{port}"):
             await asyncio.wait_for(start_with_retry("consumer", start, settings), 5)
     finally:
+        for writer in held:
+            writer.close()
         server.close()
     assert started == []
