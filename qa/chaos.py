@@ -29,11 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
 
 from qa.harness import (
     Processor,
+    SuiteRun,
     Tracker,
     each_guarantee,
     holds,
@@ -42,59 +41,29 @@ from qa.harness import (
     uncommitted_answers,
 )
 from streamproc.demo.progress import Progress
-from streamproc.testing.kafka import LocalBroker, create_topics, read_to_end
-from streamproc.testing.records import BAD_RECORDS
+from streamproc.testing.kafka import LocalBroker, read_to_end
 
 __all__ = ["main"]
 
 
-class Run:
+class Run(SuiteRun):
     """One mode: topics, processors, feeder, events, verification."""
 
     def __init__(self, args: argparse.Namespace, mode: str, bootstrap: str, logs: Path,
                  broker: LocalBroker | None) -> None:
-        self.args, self.mode, self.bootstrap, self.broker = args, mode, bootstrap, broker
         name = f"chaos-{uuid.uuid4().hex[:8]}"
-        self.topic, self.group = f"{name}.in", f"{name}-group"
+        super().__init__(args, mode, bootstrap, logs, broker, name)
         self.ids = [f"{name}-{i:06d}" for i in range(args.n)]
-        self.out = [TopicPartition(f"{name}.out", p) for p in range(args.partitions)]
-        self.dlq = [TopicPartition(f"{name}.dlq", p) for p in range(2)]
-        self.logs = logs / f"{mode}-{name}"
-        self.logs.mkdir(parents=True)
+        self.count = len(self.ids)
         self.env = processor_env(bootstrap, name, mode, KAFKA_CREATE_TOPICS="true",
                                  SHUTDOWN_TIMEOUT_S="10", KAFKA_CONNECT_TIMEOUT_S="120")
-        self.sent = self.bad_sent = self.kills = self.restarts = self.exits = 0
-        self.bound = 0  # at-least-once: the duplicates the kills may cause, at most
+        self.kills = self.restarts = self.exits = 0
         self.in_flight_at_events: list[int] = []
-        self.failures: list[str] = []
-        self.deadline = time.monotonic() + args.timeout_s
-        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                         enable_idempotence=True, request_timeout_ms=120_000)
 
-    async def setup(self) -> None:
-        await create_topics(self.bootstrap, [
-            NewTopic(self.topic, self.args.partitions, 1),
-            NewTopic(self.out[0].topic, len(self.out), 1),
-            NewTopic(self.dlq[0].topic, len(self.dlq), 1)])
-        await self.producer.start()
-
-    async def send(self, records: list[tuple[bytes | None, bytes]]) -> None:
-        await asyncio.gather(*[await self.producer.send(self.topic, value=v, key=k)
-                               for k, v in records])
-
-    async def feed(self, tracker: Tracker, window: int) -> None:
-        """Produce the items in order, up to ``window`` ahead of the answers and never past
-        ``self.cap``, so that the answers cannot run past an event's moment."""
-        while self.sent < len(self.ids):
-            size = min(100, window - (self.sent - len(tracker.ids)), self.cap - self.sent)
-            if size <= 0:
-                await asyncio.sleep(0.02)
-                continue
-            chunk = self.ids[self.sent:self.sent + size]
-            await self.send([(i.encode(), orjson.dumps({"id": i, "text": f"Item {i} is news. "
-                                                        "More text follows here."}))
-                             for i in chunk])
-            self.sent += len(chunk)
+    def record(self, i: int) -> tuple[bytes, bytes]:
+        item_id = self.ids[i]
+        return item_id.encode(), orjson.dumps({"id": item_id, "text": f"Item {item_id} is "
+                                               "news. More text follows here."})
 
     async def until(self, done: Callable[[], bool], what: str,
                     primary: Processor | None = None) -> Processor | None:
@@ -141,9 +110,7 @@ class Run:
                 if (rc := await second.terminate()) != 0:
                     self.failures.append(f"second processor exited with rc={rc}")
         elif kind == "bad":
-            await self.send([(None, BAD_RECORDS[i % len(BAD_RECORDS)].value)
-                             for i in range(self.args.bad)])
-            self.bad_sent += self.args.bad
+            await self.send_bad()
         return primary
 
     async def run(self, rng: random.Random, chaos: bool = True) -> dict[str, Any]:

@@ -56,11 +56,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer, TopicPartition
-from aiokafka.admin import NewTopic
 
 from qa.harness import (
     Processor,
+    SuiteRun,
     Tracker,
     each_guarantee,
     holds,
@@ -72,10 +71,8 @@ from streamproc.demo.progress import Progress
 from streamproc.testing.kafka import (
     LocalBroker,
     committed_offsets,
-    create_topics,
     read_to_end,
 )
-from streamproc.testing.records import BAD_RECORDS
 
 __all__ = ["main"]
 
@@ -99,21 +96,17 @@ class Member:
         return self.process.proc.poll() is not None
 
 
-class Run:
+class Run(SuiteRun):
     """One mode: topics, members, feeder, faults, verification."""
 
     def __init__(self, args: argparse.Namespace, mode: str, bootstrap: str, logs: Path,
                  broker: LocalBroker | None) -> None:
-        self.args, self.mode, self.bootstrap, self.broker = args, mode, bootstrap, broker
         name = f"gchaos-{uuid.uuid4().hex[:8]}"
-        self.topic, self.group = f"{name}.in", f"{name}-group"
+        super().__init__(args, mode, bootstrap, logs, broker, name)
         keys = max(1, args.n // KEY_ITEMS)
         self.items = [(f"{name}-k{k:03d}", seq) for seq in range(KEY_ITEMS) for k in range(keys)]
         self.items = self.items[:args.n]
-        self.out = [TopicPartition(f"{name}.out", p) for p in range(args.partitions)]
-        self.dlq = [TopicPartition(f"{name}.dlq", p) for p in range(2)]
-        self.logs = logs / f"{mode}-{name}"
-        self.logs.mkdir(parents=True)
+        self.count = len(self.items)
         self.env = processor_env(
             bootstrap, name, mode, SHUTDOWN_TIMEOUT_S=str(SHUTDOWN_S),
             KAFKA_SESSION_TIMEOUT_MS=str(SESSION_MS), KAFKA_CONNECT_TIMEOUT_S="120",
@@ -123,14 +116,13 @@ class Run:
         self.retired: list[Member] = []
         self.counts: Counter[str] = Counter()
         self.sigterm_exits: list[float] = []
-        self.bound = 0  # at-least-once: the duplicates the faults may cause, at most
-        self.failures: list[str] = []
-        self.sent = self.bad_sent = 0
-        self.cap = 0  # the feeder sends no item past this one
         self.broker_history = ""  # the broker's log before its restarts
-        self.deadline = time.monotonic() + args.timeout_s
-        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
-                                         enable_idempotence=True, request_timeout_ms=120_000)
+
+    def record(self, i: int) -> tuple[bytes, bytes]:
+        """Item ``i``: the keys take turns, so each key's items go in sequence."""
+        key, seq = self.items[i]
+        return key.encode(), orjson.dumps({"id": f"{key}/{seq:03d}",
+                                           "text": f"Item {seq} of {key} is news. More text."})
 
     # --- plumbing ---------------------------------------------------------------------------
     def member(self, slot: int) -> Member:
@@ -161,25 +153,6 @@ class Run:
         if rc != 0:
             self.failures.append(f"member {member.slot} exited rc={rc} on SIGTERM (log "
                                  f"{member.process.log})")
-
-    async def send(self, records: list[tuple[bytes | None, bytes]]) -> None:
-        await asyncio.gather(*[await self.producer.send(self.topic, value=v, key=k)
-                               for k, v in records])
-
-    async def feed(self, tracker: Tracker, window: int) -> None:
-        """Produce the items in key order, up to ``window`` ahead of the answers (the
-        backlog) and never past ``self.cap``, so that every fault lands with about a window
-        of items in flight."""
-        while self.sent < len(self.items):
-            size = min(100, window - (self.sent - len(tracker.ids)), self.cap - self.sent)
-            if size <= 0:
-                await asyncio.sleep(0.02)
-                continue
-            chunk = self.items[self.sent:self.sent + size]
-            await self.send([(key.encode(), orjson.dumps(
-                {"id": f"{key}/{seq:03d}", "text": f"Item {seq} of {key} is news. More text."}))
-                for key, seq in chunk])
-            self.sent += len(chunk)
 
     # --- faults -----------------------------------------------------------------------------
     async def fault(self, kind: str, rng: random.Random, tracker: Tracker) -> None:
@@ -227,9 +200,7 @@ class Run:
             await asyncio.sleep(2)
             await asyncio.to_thread(self.broker.start)
         elif kind == "bad":
-            await self.send([(None, BAD_RECORDS[j % len(BAD_RECORDS)].value)
-                             for j in range(self.args.bad)])
-            self.bad_sent += self.args.bad
+            await self.send_bad()
 
     # --- the run ----------------------------------------------------------------------------
     async def run(self, rng: random.Random) -> dict[str, Any]:
@@ -241,10 +212,7 @@ class Run:
         at = [int(args.n * (0.1 + 0.75 * (j + rng.uniform(0.2, 0.8)) / len(faults)))
               for j in range(len(faults))]
         say(f"{self.mode}: faults {list(zip(faults, at, strict=True))}")
-        await create_topics(self.bootstrap, [
-            NewTopic(self.topic, args.partitions, 1), NewTopic(self.out[0].topic, len(self.out), 1),
-            NewTopic(self.dlq[0].topic, len(self.dlq), 1)])
-        await self.producer.start()
+        await self.setup()
         progress = Progress(args.n + args.bad * (args.bad > 0), f"{self.mode} answered")
         tracker = Tracker(self.bootstrap, self.out + self.dlq, progress)
         window = max(50, min(args.n // 4, args.n // (len(faults) + 1)))

@@ -25,14 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka.admin import NewTopic
 
 from streamproc.demo.progress import Progress
 from streamproc.errors import StreamprocError
 from streamproc.settings import Settings, load_settings
-from streamproc.testing.kafka import LocalBroker, TopicReader, committed_offsets
+from streamproc.testing.kafka import LocalBroker, TopicReader, committed_offsets, create_topics
+from streamproc.testing.records import BAD_RECORDS
 
-__all__ = ["REPO_ROOT", "Processor", "RunOne", "Tracker", "each_guarantee", "holds",
+__all__ = ["REPO_ROOT", "Processor", "RunOne", "SuiteRun", "Tracker", "each_guarantee", "holds",
            "processor_env", "say", "suite_broker", "uncommitted_answers"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +56,66 @@ def holds(mode: str, lost: int, duplicated: int, bound: int, failures: list[str]
     answers in flight at the faults) under at_least_once, none under exactly_once."""
     return lost == 0 and not failures and (
         duplicated <= bound if mode == "at_least_once" else duplicated == 0)
+
+
+class SuiteRun:
+    """What a run of the crash suite and of the group chaos suite share, for one guarantee:
+    the topics ``<name>.in`` and ``.out`` (``args.partitions`` partitions each) and ``.dlq``
+    (2), the group ``<name>-group``, a log folder, an idempotent producer, a feeder that keeps
+    the items a window ahead of the answers, and the burst of bad records. A subclass says
+    how many items there are (``count``) and what each is (:meth:`record`)."""
+
+    count = 0  # the good items a run feeds
+
+    def __init__(self, args: argparse.Namespace, mode: str, bootstrap: str, logs: Path,
+                 broker: LocalBroker | None, name: str) -> None:
+        self.args, self.mode, self.bootstrap, self.broker = args, mode, bootstrap, broker
+        self.topic, self.group = f"{name}.in", f"{name}-group"
+        self.out = [TopicPartition(f"{name}.out", p) for p in range(args.partitions)]
+        self.dlq = [TopicPartition(f"{name}.dlq", p) for p in range(2)]
+        self.logs = logs / f"{mode}-{name}"
+        self.logs.mkdir(parents=True)
+        self.sent = self.bad_sent = 0
+        self.cap = 0  # the feeder sends no item past this one
+        self.bound = 0  # at-least-once: the duplicates the faults may cause, at most
+        self.failures: list[str] = []
+        self.deadline = time.monotonic() + args.timeout_s
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all",
+                                         enable_idempotence=True, request_timeout_ms=120_000)
+
+    def record(self, i: int) -> tuple[bytes, bytes]:
+        """Item ``i`` as ``(key, value)``."""
+        raise NotImplementedError
+
+    async def setup(self) -> None:
+        await create_topics(self.bootstrap, [
+            NewTopic(self.topic, self.args.partitions, 1),
+            NewTopic(self.out[0].topic, len(self.out), 1),
+            NewTopic(self.dlq[0].topic, len(self.dlq), 1)])
+        await self.producer.start()
+
+    async def send(self, records: list[tuple[bytes | None, bytes]]) -> None:
+        await asyncio.gather(*[await self.producer.send(self.topic, value=v, key=k)
+                               for k, v in records])
+
+    async def feed(self, tracker: Tracker, window: int) -> None:
+        """Produce the items in order, up to ``window`` ahead of the answers and never past
+        ``self.cap``, so that each fault lands with about a window of items in flight and
+        the answers cannot run past its moment."""
+        while self.sent < self.count:
+            size = min(100, window - (self.sent - len(tracker.ids)), self.cap - self.sent)
+            if size <= 0:
+                await asyncio.sleep(0.02)
+                continue
+            chunk = range(self.sent, min(self.sent + size, self.count))
+            await self.send([self.record(i) for i in chunk])
+            self.sent += len(chunk)
+
+    async def send_bad(self) -> None:
+        """``args.bad`` bad records in one burst, unkeyed."""
+        await self.send([(None, BAD_RECORDS[i % len(BAD_RECORDS)].value)
+                         for i in range(self.args.bad)])
+        self.bad_sent += self.args.bad
 
 
 # (mode, bootstrap, logs, the suite's broker or None, rng) -> a run's result: "line", "ok",
