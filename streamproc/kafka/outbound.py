@@ -49,6 +49,7 @@ OWN_HEADERS = frozenset({
     "streamproc.source.topic", "streamproc.source.partition", "streamproc.source.offset",
     VALUE_TRUNCATED, KEY_TRUNCATED, HEADERS_DROPPED,
 })
+_OWN_AND_TRACE = OWN_HEADERS | frozenset(TRACE_HEADERS)  # a traced record's own replace these
 SIZE_SLACK = 16  # varints that grow when a cut changes a length
 HEADER_OVERHEAD = 10  # the two length varints of one header, at most
 # HEADERS_DROPPED with a count of up to 10 digits: kept free by every cut of a dead letter.
@@ -140,11 +141,9 @@ class Outputs:
                 trace: Sequence[Header] = ()) -> list[Header]:
         """The input's headers an output carries: all but streamproc's own names; with a
         ``trace`` context, that in place of the input's."""
-        if trace:
-            return [*trace, *((name, content) for name, content in record.headers or ()
-                              if name not in OWN_HEADERS and name not in TRACE_HEADERS)]
-        return [(name, content) for name, content in record.headers or ()
-                if name not in OWN_HEADERS]
+        left_out = _OWN_AND_TRACE if trace else OWN_HEADERS
+        return [*trace, *((name, content) for name, content in record.headers or ()
+                          if name not in left_out)]
 
     def summary(self, record: ConsumerRecord[bytes, bytes], item: FeedItem, text: str,
                 fetched_at: float, trace: Sequence[Header] = ()) -> Outbound:
